@@ -1,0 +1,57 @@
+"""Load a recipe config: a hydra YAML file from conf/ plus command-line overrides.
+
+Every stage entry point takes `--config conf/<corpus>.yaml` and any number of hydra
+overrides (`method.rank=16`, `train.epochs=3`). The config is composed with hydra's
+compose API, so no output folder is created and the working directory never changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+logger = logging.getLogger(__name__)
+
+
+def load_config(config_file: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `config_file` (a YAML file inside a hydra config folder) with overrides."""
+    path = Path(config_file).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
+            cfg = compose(config_name=path.stem, overrides=list(overrides))
+    except HydraException as error:
+        raise ValueError(f"invalid config {config_file} with overrides {list(overrides)}: {error}") from error
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def stage_argument_parser(description: str) -> argparse.ArgumentParser:
+    """Return the argument parser shared by the stage entry points."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="recipe config, e.g. conf/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. method.rank=16 train.epochs=3")
+    return parser
+
+
+def parse_stage_args(description: str, argv: Sequence[str] | None = None) -> DictConfig:
+    """Parse `--config FILE [overrides...]`, set up logging and return the composed config."""
+    args = stage_argument_parser(description).parse_args(argv)
+    setup_logging()
+    return load_config(args.config, args.overrides)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr with a timestamp and the module name, as every stage does."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
