@@ -55,3 +55,17 @@ def setup_logging(level: int = logging.INFO) -> None:
         format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print one config value: `python -m sparlora.config --config FILE --get KEY [overrides]`."""
+    parser = stage_argument_parser("Print one value of a recipe config.")
+    parser.add_argument("--get", required=True, help="dotted key, e.g. corpus.source_dir")
+    args = parser.parse_args(argv)
+    value = OmegaConf.select(load_config(args.config, args.overrides), args.get, throw_on_missing=True)
+    print(value)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""PEFT wiring: put a fine-tuning method on a model from one config mapping.
+
+Methods: full fine-tuning (`type: full`) and every LoRA-family method PEFT provides
+(`type: lora`): LoRA (`init: default`), DoRA (`use_dora: true`), PiSSA
+(`init: pissa` or `pissa_niter_K`), OLoRA (`init: olora`) and SPaRLoRA
+(`init: sparlora`), which lets PEFT build ordinary LoRA layers and then overwrites their
+factors with `sparlora.init` (and residualizes the frozen weights). Nothing here imports
+FunASR: the same functions work on any torch model with Linear layers.
+
+Trainable-parameter policy, the same for every LoRA-family method: only the adapter
+factors train (PEFT's `bias="none"`); biases, LayerNorms, the CIF predictor and the
+output layer stay frozen. Full fine-tuning trains every parameter.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from sparlora.init import SparloraConfig, residualize, sparlora_factors
+
+logger = logging.getLogger(__name__)
+
+# Linear layers of FunASR's Paraformer that adapters target: in the SANM encoder the
+# fused q/k/v projection (d_out = 3 d_model), the attention output and the two
+# feed-forward layers; in the SANM decoder the cross-attention projections and the
+# feed-forward layers. Left out on purpose: the FSMN depthwise Conv1d (`fsmn_block`),
+# the decoder's output layer, the embedding and the CIF predictor.
+TARGET_PRESETS = {
+    "paraformer": r"^(?:.*\.)?(?:encoder|decoder)\..*\.(?:self_attn\.linear_q_k_v|self_attn\.linear_out|src_attn\.linear_q|src_attn\.linear_k_v|src_attn\.linear_out|feed_forward\.w_1|feed_forward\.w_2)$",
+}
+
+PEFT_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def resolve_targets(model: nn.Module, targets) -> list[str]:
+    """Return the names of the Linear modules that `targets` selects.
+
+    `targets` is a preset name from TARGET_PRESETS, a regular expression matched
+    against full module names, or a list of name suffixes. A selected module that is
+    not a Linear, or a pattern that selects nothing, raises ValueError naming it.
+    """
+    if isinstance(targets, str):
+        pattern = re.compile(TARGET_PRESETS.get(targets, targets))
+        selected = [(name, module) for name, module in model.named_modules() if name and pattern.search(name)]
+        description = f"target pattern {targets!r}"
+    else:
+        suffixes = list(targets)
+        selected = [(name, module) for name, module in model.named_modules()
+                    if name and any(name == s or name.endswith("." + s) for s in suffixes)]
+        description = f"target modules {suffixes}"
+    if not selected:
+        raise ValueError(f"{description} matches no module of {type(model).__name__}")
+    for name, module in selected:
+        if not isinstance(module, nn.Linear):
+            shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
+            raise ValueError(f"{description} selects {name}, a {type(module).__name__} with weight shape {shape}; only Linear layers are supported")
+    return [name for name, _ in selected]
+
+
+def lora_config(method: Mapping[str, Any], target_names: list[str]):
+    """Build the PEFT LoraConfig of a LoRA-family method."""
+    from peft import LoraConfig
+
+    init = method.get("init", "default")
+    if init == "sparlora":
+        init_lora_weights = True  # overwritten by apply_sparlora
+    elif init in PEFT_INITS:
+        init_lora_weights = PEFT_INITS[init]
+    elif re.fullmatch(r"pissa_niter_\d+", str(init)):
+        init_lora_weights = init
+    else:
+        raise ValueError(f"invalid method.init {init!r}; allowed: sparlora, default, gaussian, pissa, pissa_niter_K, olora")
+    return LoraConfig(
+        r=int(method["rank"]),
+        lora_alpha=float(method["alpha"]),
+        lora_dropout=float(method.get("dropout", 0.0)),
+        use_rslora=bool(method.get("use_rslora", False)),
+        use_dora=bool(method.get("use_dora", False)),
+        init_lora_weights=init_lora_weights,
+        target_modules=target_names,
+        bias="none",
+    )
+
+
+def lora_layers(model: nn.Module, adapter_name: str):
+    """Yield (name, layer) for every PEFT LoRA layer of `model` that carries `adapter_name`."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            yield name, module
+
+
+@torch.no_grad()
+def apply_sparlora(model: nn.Module, cfg: SparloraConfig, adapter_name: str = "default") -> int:
+    """Overwrite the LoRA factors of every layer carrying `adapter_name` with SPaRLoRA's.
+
+    Works after `get_peft_model` or `inject_adapter_in_model`. Returns the number of
+    layers initialized. With `cfg.residual` the frozen weights become W - s B A.
+    """
+    if cfg.changes_output:
+        if not cfg.allow_output_change:
+            raise ValueError(
+                f"b_init={cfg.b_init} without residual changes the model's output at step 0; "
+                "set residual=true, or allow_output_change=true to do it on purpose"
+            )
+        logger.warning("b_init=%s without residual: the model's output at step 0 differs from the base model's", cfg.b_init)
+    count = 0
+    for name, layer in lora_layers(model, adapter_name):
+        base = layer.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"{name}: SPaRLoRA needs a Linear base layer, found {type(base).__name__} with weight shape {tuple(base.weight.shape)}")
+        lora_a = layer.lora_A[adapter_name].weight
+        lora_b = layer.lora_B[adapter_name].weight
+        scale = layer.scaling[adapter_name]
+        where = f"{name} (Linear {base.in_features}->{base.out_features})"
+        a, b = sparlora_factors(base.weight, lora_a.shape[0], scale, cfg, where)
+        lora_a.copy_(a.to(lora_a.dtype))
+        lora_b.copy_(b.to(lora_b.dtype))
+        if cfg.residual:
+            base.weight.copy_(residualize(base.weight, a, b, scale))
+        count += 1
+    if count == 0:
+        raise ValueError(f"no LoRA layer carries adapter {adapter_name!r}")
+    return count
+
+
+def apply_method(model: nn.Module, method: Mapping[str, Any]) -> nn.Module:
+    """Prepare `model` for fine-tuning with `method` (the `method:` config section).
+
+    Returns the model to train: the model itself for full fine-tuning, a PEFT
+    PeftModel for the LoRA family.
+    """
+    kind = method.get("type", "lora")
+    if kind == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        log_trainable(model, method.get("name", "full"))
+        return model
+    if kind != "lora":
+        raise ValueError(f"invalid method.type {kind!r}; allowed: full, lora")
+
+    from peft import get_peft_model
+
+    targets = resolve_targets(model, method.get("target_modules") or "paraformer")
+    peft_model = get_peft_model(model, lora_config(method, targets))
+    if method.get("init") == "sparlora":
+        sparlora_cfg = SparloraConfig(**dict(method.get("sparlora") or {}))
+        layers = apply_sparlora(peft_model, sparlora_cfg)
+        logger.info("SPaRLoRA initialized %d layers (basis %s, select %s, b_init %s, residual %s)",
+                    layers, sparlora_cfg.basis, sparlora_cfg.select, sparlora_cfg.b_init, sparlora_cfg.residual)
+    log_trainable(peft_model, method.get("name", "lora"))
+    return peft_model
+
+
+def log_trainable(model: nn.Module, label: str) -> dict[str, int]:
+    """Log the number and share of trainable parameters, in total and per module type."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_type: dict[str, int] = collections.Counter()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            parts = [part for part in name.split(".") if not part.isdigit() and part not in ("default", "weight", "bias", "base_model", "model")]
+            per_type[".".join(parts[-3:])] += parameter.numel()
+    logger.info("%s: %d of %d parameters trainable (%.3f%%)", label, trainable, total, 100.0 * trainable / max(total, 1))
+    for name, count in sorted(per_type.items()):
+        logger.debug("  %s: %d trainable", name, count)
+    return {"trainable": trainable, "total": total}
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return the state dict of the model with adapters merged into the weights.
+
+    For a PeftModel the adapters are merged in place (`merge_and_unload`); the keys are
+    then those of the original model, so the result loads into it directly.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    return model.state_dict()

@@ -1,0 +1,186 @@
+"""Training and decoding data: jsonl manifests, features, and batches by duration.
+
+A manifest line is FunASR's jsonl layout plus the segment times:
+`{"key", "source", "target", "source_len", "target_len", "start", "end"}`, where
+`source` is the wav.scp value (a path or a `cmd |` pipe), `start`/`end` are seconds
+(null for a whole recording), `source_len` is the number of 10 ms fbank frames and
+`target_len` the number of tokens.
+
+Features come from the pretrained model's own FunASR frontend (fbank, LFR, CMVN from
+its am.mvn) through `extract_features`, the one function both training and decoding
+call, so the two paths give identical tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from sparlora.audio import load_audio
+
+logger = logging.getLogger(__name__)
+
+FRAME_SHIFT_SECONDS = 0.01  # fbank frame shift
+IGNORE_ID = -1  # target padding value the Paraformer loss ignores
+
+
+@dataclass
+class ManifestEntry:
+    key: str
+    source: str
+    target: str
+    source_len: int  # fbank frames
+    target_len: int  # tokens
+    start: float | None = None  # seconds
+    end: float | None = None  # seconds
+
+
+def write_manifest(path: Path, entries: Sequence[ManifestEntry]) -> None:
+    """Write entries as jsonl through a temporary file and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        for entry in entries:
+            out.write(json.dumps(entry.__dict__, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: Path) -> list[ManifestEntry]:
+    """Read a jsonl manifest; a malformed line raises naming the file and line."""
+    entries = []
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                entries.append(
+                    ManifestEntry(
+                        key=record["key"],
+                        source=record["source"],
+                        target=record["target"],
+                        source_len=int(record["source_len"]),
+                        target_len=int(record["target_len"]),
+                        start=record.get("start"),
+                        end=record.get("end"),
+                    )
+                )
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path}:{number}: invalid manifest line ({error}); rerun stage 2") from error
+    return entries
+
+
+def extract_features(frontend, waveform: torch.Tensor) -> torch.Tensor:
+    """Return the model's input features `[frames, dims]` for one mono waveform in [-1, 1].
+
+    The frontend is the pretrained model's FunASR `WavFrontend`: fbank (scaled to 16-bit
+    sample values), LFR stacking, then CMVN with the model's am.mvn.
+    """
+    lengths = torch.tensor([waveform.numel()])
+    feats, feat_lengths = frontend(waveform.unsqueeze(0).float(), lengths)
+    return feats[0, : int(feat_lengths[0])]
+
+
+class AsrDataset(torch.utils.data.Dataset):
+    """Utterances of a manifest as (key, features, token ids), with features cached in memory."""
+
+    def __init__(self, entries: Sequence[ManifestEntry], frontend, tokenizer, sample_rate: int, channel, cache: bool = True):
+        self.entries = list(entries)
+        self.frontend = frontend
+        self.tokenizer = tokenizer
+        self.sample_rate = sample_rate
+        self.channel = channel
+        self.cache = cache
+        self._features: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def features(self, index: int) -> torch.Tensor:
+        if index in self._features:
+            return self._features[index]
+        entry = self.entries[index]
+        waveform = load_audio(entry.source, entry.start, entry.end, sample_rate=self.sample_rate, channel=self.channel)
+        feats = extract_features(self.frontend, torch.from_numpy(waveform))
+        if self.cache:
+            self._features[index] = feats
+        return feats
+
+    def token_ids(self, index: int) -> torch.Tensor:
+        text = self.entries[index].target
+        return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+
+    def __getitem__(self, index: int):
+        return self.entries[index].key, self.features(index), self.token_ids(index)
+
+
+def collate(items) -> dict:
+    """Pad a list of (key, features, token ids) into the Paraformer's forward arguments."""
+    keys = [key for key, _, _ in items]
+    feats = [f for _, f, _ in items]
+    targets = [t for _, _, t in items]
+    return {
+        "keys": keys,
+        "speech": pad_sequence(feats, batch_first=True, padding_value=0.0),
+        "speech_lengths": torch.tensor([f.shape[0] for f in feats]),
+        "text": pad_sequence(targets, batch_first=True, padding_value=IGNORE_ID),
+        "text_lengths": torch.tensor([t.numel() for t in targets]),
+    }
+
+
+class DurationBatchSampler(torch.utils.data.Sampler):
+    """Batches filled up to `max_frames` padded fbank frames, from length-sorted buckets.
+
+    Utterances are sorted by length and cut into batches whose padded size (longest
+    utterance x batch size) stays within `max_frames`; the batch order is shuffled with
+    `seed + epoch`. An utterance longer than `max_frames` forms a batch of its own.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_frames: int, seed: int, shuffle: bool = True):
+        if max_frames <= 0:
+            raise ValueError(f"max_frames must be positive, got {max_frames}")
+        self.lengths = list(lengths)
+        self.max_frames = max_frames
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.batches = self._make_batches()
+
+    def _make_batches(self) -> list[list[int]]:
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], i))
+        batches, current, longest = [], [], 0
+        for index in order:
+            length = self.lengths[index]
+            if current and max(longest, length) * (len(current) + 1) > self.max_frames:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(index)
+            longest = max(longest, length)
+        if current:
+            batches.append(current)
+        return batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = list(self.batches)
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def num_fbank_frames(duration_seconds: float) -> int:
+    """Return the approximate number of 10 ms fbank frames of a duration."""
+    return max(1, math.floor(duration_seconds / FRAME_SHIFT_SECONDS))

@@ -1,0 +1,249 @@
+"""Stage 3: fine-tune the pretrained Paraformer with the configured method.
+
+The loop: AdamW over the trainable parameters, a learning rate with linear warmup
+then cosine decay (`warmup_cosine_lr`), gradient clipping, gradient accumulation,
+dev loss and dev CER after each epoch, tensorboard scalars and a plain-text log in
+the experiment folder. A checkpoint of the trainable state is written after each
+epoch through a temporary file and a rename. At the end the adapters are merged into
+the weights and the result is written as a FunASR model directory,
+`<exp_dir>/final_model`, which stage 4 decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from sparlora.data import AsrDataset, DurationBatchSampler, collate, read_manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    """Optimization settings; the `train:` section of the recipe config."""
+
+    epochs: int = 4
+    lr_max: float = 1e-3
+    lr_min: float = 1e-5
+    warmup_steps: int = 30  # optimizer steps
+    weight_decay: float = 0.01
+    grad_clip: float = 5.0  # max gradient L2 norm; 0 disables clipping
+    accum_grad: int = 1  # batches per optimizer step
+    max_frames_per_batch: int = 6000  # padded 10 ms fbank frames per batch
+    seed: int = 1234
+    log_interval: int = 10  # optimizer steps
+    max_minutes: float = 0.0  # stop after this much training time; 0: no limit
+
+    @classmethod
+    def from_config(cls, section) -> "TrainOptions":
+        known = {name: section[name] for name in cls.__dataclass_fields__ if name in section}
+        return cls(**known)
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, lr_max: float, lr_min: float) -> float:
+    """Return the learning rate of optimizer step `step` (1-based).
+
+    Steps 1..warmup_steps rise linearly to lr_max; after that the rate follows
+    lr_min + (lr_max - lr_min) * (1 + cos(pi * t)) / 2 with t going from 0 to 1 at
+    `total_steps`, and stays at lr_min beyond it.
+    """
+    if warmup_steps > 0 and step <= warmup_steps:
+        return lr_max * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, so data order, dropout and initialization repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def dataset_loss(model, dataset: AsrDataset, max_frames: int, device: str) -> float:
+    """Return the mean Paraformer loss over `dataset`, in eval mode and without gradients."""
+    was_training = model.training
+    model.eval()
+    sampler = DurationBatchSampler([e.source_len for e in dataset.entries], max_frames, seed=0, shuffle=False)
+    total, weight = 0.0, 0.0
+    with torch.no_grad():
+        for indices in sampler:
+            batch = collate([dataset[i] for i in indices])
+            loss, _, batch_weight = forward_loss(model, batch, device)
+            total += float(loss) * float(batch_weight)
+            weight += float(batch_weight)
+    model.train(was_training)
+    return total / max(weight, 1e-9)
+
+
+def forward_loss(model, batch: dict, device: str):
+    """Run the Paraformer forward on a collated batch; return (loss, stats, weight)."""
+    return model(
+        speech=batch["speech"].to(device),
+        speech_lengths=batch["speech_lengths"].to(device),
+        text=batch["text"].to(device),
+        text_lengths=batch["text_lengths"].to(device),
+    )
+
+
+def dev_cer(model, dataset: AsrDataset, tokenizer, frontend, device: str) -> float:
+    """Return the CER of greedy Paraformer decoding on `dataset`, as a fraction."""
+    from sparlora.decode import decode_dataset
+    from sparlora.score import cer_counts
+    from sparlora.text import TextNormConfig
+
+    hyps = decode_dataset(model, dataset, tokenizer, frontend, batch_size=32, device=device, progress=False)
+    refs = {entry.key: entry.target for entry in dataset.entries}
+    return cer_counts(refs, hyps, TextNormConfig()).cer
+
+
+def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: TrainOptions, out_dir: Path,
+                tokenizer, frontend, device: str = "cpu") -> list[dict]:
+    """Train the parameters of `model` that require gradients; return one record per epoch."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+    logging.getLogger().addHandler(log_handler)
+    writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; check method.target_modules")
+    optimizer = torch.optim.AdamW(params, lr=opts.lr_max, weight_decay=opts.weight_decay)
+    sampler = DurationBatchSampler([e.source_len for e in train_set.entries], opts.max_frames_per_batch, opts.seed)
+    steps_per_epoch = math.ceil(len(sampler) / opts.accum_grad)
+    total_steps = steps_per_epoch * opts.epochs
+    lr_at = lambda step: warmup_cosine_lr(step, total_steps, opts.warmup_steps, opts.lr_max, opts.lr_min)  # noqa: E731
+    logger.info("training %d utterances in %d batches per epoch, %d epochs, %d optimizer steps",
+                len(train_set), len(sampler), opts.epochs, total_steps)
+
+    history = []
+    step = 0
+    started = time.perf_counter()
+    out_of_time = False
+    for epoch in range(1, opts.epochs + 1):
+        model.train()
+        sampler.set_epoch(epoch)
+        epoch_loss, epoch_weight, skipped = 0.0, 0.0, 0
+        bar = tqdm(list(sampler), desc=f"epoch {epoch}/{opts.epochs}", leave=False, dynamic_ncols=True)
+        for batch_number, indices in enumerate(bar, start=1):
+            batch_start = time.perf_counter()
+            batch = collate([train_set[i] for i in indices])
+            loss, _, weight = forward_loss(model, batch, device)
+            if not torch.isfinite(loss):
+                skipped += 1
+                logger.warning("non-finite loss at epoch %d batch %d (%s); update skipped", epoch, batch_number, batch["keys"][0])
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            (loss / opts.accum_grad).backward()
+            epoch_loss += float(loss) * float(weight)
+            epoch_weight += float(weight)
+            if batch_number % opts.accum_grad and batch_number != len(sampler):
+                continue
+
+            step += 1
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_seconds = time.perf_counter() - batch_start
+            frames = int(batch["speech_lengths"].sum())
+            writer.add_scalar("train/loss", float(loss), step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            writer.add_scalar("train/step_seconds", step_seconds, step)
+            writer.add_scalar("train/frames_per_second", frames / max(step_seconds, 1e-9), step)
+            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
+            if step % opts.log_interval == 0:
+                logger.info("epoch %d step %d/%d loss %.4f lr %.3e grad_norm %.3f", epoch, step, total_steps, float(loss), lr, float(grad_norm))
+            if opts.max_minutes > 0 and time.perf_counter() - started > opts.max_minutes * 60:
+                out_of_time = True
+                break
+        bar.close()
+
+        record = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(epoch_weight, 1e-9),
+                  "skipped_batches": skipped, "minutes": (time.perf_counter() - started) / 60}
+        if dev_set is not None:
+            record["dev_loss"] = dataset_loss(model, dev_set, opts.max_frames_per_batch, device)
+            record["dev_cer"] = dev_cer(model, dev_set, tokenizer, frontend, device)
+            writer.add_scalar("dev/loss", record["dev_loss"], epoch)
+            writer.add_scalar("dev/cer", record["dev_cer"], epoch)
+        history.append(record)
+        logger.info("epoch %d done: %s", epoch, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        save_checkpoint(model, optimizer, step, epoch, out_dir / "checkpoints" / f"epoch_{epoch}.pt")
+        if out_of_time:
+            logger.info("stopping after %.1f minutes (train.max_minutes)", opts.max_minutes)
+            break
+
+    writer.close()
+    logging.getLogger().removeHandler(log_handler)
+    log_handler.close()
+    return history
+
+
+def save_checkpoint(model, optimizer, step: int, epoch: int, path: Path) -> None:
+    """Write the trainable parameters, the optimizer and the position, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    state = {"model": trainable, "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    from sparlora.adapters import apply_method, merged_state_dict
+    from sparlora.config import parse_stage_args
+    from sparlora.model import load_paraformer, resolve_device, save_model_dir
+
+    cfg = parse_stage_args("Stage 3: fine-tune the pretrained Paraformer with the configured method.", argv)
+    device = resolve_device(cfg.train.device)
+    torch.set_num_threads(cfg.train.num_threads)
+    opts = TrainOptions.from_config(cfg.train)
+    seed_everything(opts.seed)
+
+    exp_dir = Path(cfg.exp_dir)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    model_dir = Path(cfg.model.dir)
+    model, kwargs = load_paraformer(model_dir, device=device, num_threads=cfg.train.num_threads)
+    if not cfg.train.specaug:
+        model.specaug = None
+
+    data_dir = Path(cfg.data_dir)
+    make_set = lambda split: AsrDataset(read_manifest(data_dir / split / "data.jsonl"), kwargs["frontend"],  # noqa: E731
+                                        kwargs["tokenizer"], cfg.audio.sample_rate, cfg.audio.channel)
+    train_set = make_set(cfg.corpus.train_split)
+    dev_set = make_set(cfg.corpus.dev_split) if cfg.corpus.dev_split else None
+
+    model = apply_method(model, OmegaConf.to_container(cfg.method, resolve=True))
+    model.to(device)
+    history = train_model(model, train_set, dev_set, opts, exp_dir, kwargs["tokenizer"], kwargs["frontend"], device)
+
+    final_dir = save_model_dir(merged_state_dict(model), model_dir, exp_dir / "final_model")
+    logger.info("merged model written to %s", final_dir)
+    if history and "dev_cer" in history[-1]:
+        logger.info("final dev CER %.2f%%", 100 * history[-1]["dev_cer"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
