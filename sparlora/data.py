@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,6 +32,25 @@ logger = logging.getLogger(__name__)
 
 FRAME_SHIFT_SECONDS = 0.01  # fbank frame shift
 IGNORE_ID = -1  # target padding value the Paraformer loss ignores
+TOKEN_PIECE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*|\S")
+
+
+def tokenizer_input(text: str) -> str:
+    """Return `text` with every character and every Latin word separated by one space.
+
+    FunASR's CharTokenizer with a seg_dict (Paraformer-large ships one) splits on
+    spaces and turns a whole chunk into one `<unk>` when the chunk's first character is
+    not a CJK ideograph, Latin letter or digit; it also looks Latin words up only when
+    they stand alone. One character per chunk, and Latin words kept whole, give one
+    token (or one `<unk>`) per character and let words such as `wifi` reach the
+    seg_dict. Without a seg_dict the tokenizer skips spaces, so the result is the same.
+    """
+    return " ".join(TOKEN_PIECE.findall(text))
+
+
+def encode_target(tokenizer, text: str) -> list[int]:
+    """Return the token ids of a normalized transcript."""
+    return list(tokenizer.encode(tokenizer_input(text)))
 
 
 @dataclass
@@ -115,8 +135,7 @@ class AsrDataset(torch.utils.data.Dataset):
         return feats
 
     def token_ids(self, index: int) -> torch.Tensor:
-        text = self.entries[index].target
-        return torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        return torch.tensor(encode_target(self.tokenizer, self.entries[index].target), dtype=torch.long)
 
     def __getitem__(self, index: int):
         return self.entries[index].key, self.features(index), self.token_ids(index)

@@ -11,10 +11,12 @@ the weights and the result is written as a FunASR model directory,
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,9 @@ class TrainOptions:
     seed: int = 1234
     log_interval: int = 10  # optimizer steps
     max_minutes: float = 0.0  # stop after this much training time; 0: no limit
+    max_steps: int = 0  # stop after this many optimizer steps (a checkpoint is written); 0: no limit
+    checkpoint_interval: int = 0  # optimizer steps between mid-epoch checkpoints; 0: only at epoch ends
+    resume: bool = True  # go on from <exp_dir>/checkpoints/last.pt when it exists
 
     @classmethod
     def from_config(cls, section) -> "TrainOptions":
@@ -109,16 +114,75 @@ def dev_cer(model, dataset: AsrDataset, tokenizer, frontend, device: str) -> flo
     return cer_counts(refs, hyps, TextNormConfig()).cer
 
 
+def frozen_weights_digest(model) -> str:
+    """Return a sha256 of the frozen parameters, to check that a resumed run sees the same base."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(path: Path, model, optimizer, position: dict, frozen_digest: str) -> None:
+    """Write the trainable parameters, optimizer, position and RNG states, atomically.
+
+    `position` holds `step`, `epoch`, `batches_done` (batches of that epoch already
+    trained), the epoch's running loss sums and the per-epoch history, so a resumed run
+    continues with the next batch of the same shuffled order.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainable = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    state = {"model": trainable, "optimizer": optimizer.state_dict(), "position": position,
+             "rng": rng_state(), "frozen_digest": frozen_digest}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, frozen_digest: str) -> dict:
+    """Restore a checkpoint written by `save_checkpoint`; return its position."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["frozen_digest"] != frozen_digest:
+        raise RuntimeError(
+            f"{path} was trained on other frozen weights than this run has (different base model or "
+            "method init); delete the checkpoint folder to start over, or restore the original config"
+        )
+    parameters = dict(model.named_parameters())
+    missing = [name for name in state["model"] if name not in parameters]
+    if missing:
+        raise RuntimeError(f"{path} has parameters this model lacks, e.g. {missing[0]}; was the method changed?")
+    with torch.no_grad():
+        for name, value in state["model"].items():
+            parameters[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["position"]
+
+
 def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: TrainOptions, out_dir: Path,
-                tokenizer, frontend, device: str = "cpu") -> list[dict]:
-    """Train the parameters of `model` that require gradients; return one record per epoch."""
+                tokenizer, frontend, device: str = "cpu", on_step=None) -> list[dict]:
+    """Train the parameters of `model` that require gradients; return one record per epoch.
+
+    With `opts.resume` and an existing `<out_dir>/checkpoints/last.pt`, training goes on
+    from there. `on_step(step, loss, lr)` is called after every optimizer step.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
     logging.getLogger().addHandler(log_handler)
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -127,23 +191,36 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
     sampler = DurationBatchSampler([e.source_len for e in train_set.entries], opts.max_frames_per_batch, opts.seed)
     steps_per_epoch = math.ceil(len(sampler) / opts.accum_grad)
     total_steps = steps_per_epoch * opts.epochs
-    lr_at = lambda step: warmup_cosine_lr(step, total_steps, opts.warmup_steps, opts.lr_max, opts.lr_min)  # noqa: E731
     logger.info("training %d utterances in %d batches per epoch, %d epochs, %d optimizer steps",
                 len(train_set), len(sampler), opts.epochs, total_steps)
 
-    history = []
-    step = 0
+    last_path = out_dir / "checkpoints" / "last.pt"
+    frozen_digest = frozen_weights_digest(model)
+    position = {"step": 0, "epoch": 1, "batches_done": 0, "epoch_loss": 0.0, "epoch_weight": 0.0, "skipped": 0, "history": []}
+    if opts.resume and last_path.is_file():
+        position = load_checkpoint(last_path, model, optimizer, frozen_digest)
+        logger.info("resumed from %s at epoch %d, step %d", last_path, position["epoch"], position["step"])
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=position["step"] + 1 if position["step"] else None)
+
+    history = position["history"]
+    step = position["step"]
     started = time.perf_counter()
-    out_of_time = False
-    for epoch in range(1, opts.epochs + 1):
+    stop_reason = ""
+    for epoch in range(position["epoch"], opts.epochs + 1):
         model.train()
         sampler.set_epoch(epoch)
-        epoch_loss, epoch_weight, skipped = 0.0, 0.0, 0
-        bar = tqdm(list(sampler), desc=f"epoch {epoch}/{opts.epochs}", leave=False, dynamic_ncols=True)
-        for batch_number, indices in enumerate(bar, start=1):
+        batches = list(sampler)
+        resuming = epoch == position["epoch"]
+        first_batch = position["batches_done"] + 1 if resuming else 1
+        epoch_loss = position["epoch_loss"] if resuming else 0.0
+        epoch_weight = position["epoch_weight"] if resuming else 0.0
+        skipped = position["skipped"] if resuming else 0
+        bar = tqdm(total=len(batches), initial=first_batch - 1, desc=f"epoch {epoch}/{opts.epochs}", leave=False, dynamic_ncols=True)
+        for batch_number in range(first_batch, len(batches) + 1):
             batch_start = time.perf_counter()
-            batch = collate([train_set[i] for i in indices])
+            batch = collate([train_set[i] for i in batches[batch_number - 1]])
             loss, _, weight = forward_loss(model, batch, device)
+            bar.update(1)
             if not torch.isfinite(loss):
                 skipped += 1
                 logger.warning("non-finite loss at epoch %d batch %d (%s); update skipped", epoch, batch_number, batch["keys"][0])
@@ -152,16 +229,18 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
             (loss / opts.accum_grad).backward()
             epoch_loss += float(loss) * float(weight)
             epoch_weight += float(weight)
-            if batch_number % opts.accum_grad and batch_number != len(sampler):
+            if batch_number % opts.accum_grad and batch_number != len(batches):
                 continue
 
             step += 1
-            lr = lr_at(step)
+            lr = warmup_cosine_lr(step, total_steps, opts.warmup_steps, opts.lr_max, opts.lr_min)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(step, float(loss), lr)
 
             step_seconds = time.perf_counter() - batch_start
             frames = int(batch["speech_lengths"].sum())
@@ -173,10 +252,22 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
             bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
             if step % opts.log_interval == 0:
                 logger.info("epoch %d step %d/%d loss %.4f lr %.3e grad_norm %.3f", epoch, step, total_steps, float(loss), lr, float(grad_norm))
+
             if opts.max_minutes > 0 and time.perf_counter() - started > opts.max_minutes * 60:
-                out_of_time = True
+                stop_reason = f"train.max_minutes={opts.max_minutes} reached"
+            if opts.max_steps > 0 and step >= opts.max_steps:
+                stop_reason = f"train.max_steps={opts.max_steps} reached"
+            interval_due = opts.checkpoint_interval > 0 and step % opts.checkpoint_interval == 0
+            if (interval_due or stop_reason) and batch_number < len(batches):
+                save_checkpoint(last_path, model, optimizer, {
+                    "step": step, "epoch": epoch, "batches_done": batch_number, "epoch_loss": epoch_loss,
+                    "epoch_weight": epoch_weight, "skipped": skipped, "history": history}, frozen_digest)
+            if stop_reason:
                 break
         bar.close()
+        if stop_reason and batch_number < len(batches):
+            logger.info("stopping in epoch %d at step %d: %s; rerun to resume", epoch, step, stop_reason)
+            break
 
         record = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(epoch_weight, 1e-9),
                   "skipped_batches": skipped, "minutes": (time.perf_counter() - started) / 60}
@@ -187,26 +278,18 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
             writer.add_scalar("dev/cer", record["dev_cer"], epoch)
         history.append(record)
         logger.info("epoch %d done: %s", epoch, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        save_checkpoint(model, optimizer, step, epoch, out_dir / "checkpoints" / f"epoch_{epoch}.pt")
-        if out_of_time:
-            logger.info("stopping after %.1f minutes (train.max_minutes)", opts.max_minutes)
+        end_position = {"step": step, "epoch": epoch + 1, "batches_done": 0, "epoch_loss": 0.0,
+                        "epoch_weight": 0.0, "skipped": 0, "history": history}
+        save_checkpoint(last_path, model, optimizer, end_position, frozen_digest)
+        shutil.copyfile(last_path, out_dir / "checkpoints" / f"epoch_{epoch}.pt")
+        if stop_reason:
+            logger.info("stopping after epoch %d: %s", epoch, stop_reason)
             break
 
     writer.close()
     logging.getLogger().removeHandler(log_handler)
     log_handler.close()
     return history
-
-
-def save_checkpoint(model, optimizer, step: int, epoch: int, path: Path) -> None:
-    """Write the trainable parameters, the optimizer and the position, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    state = {"model": trainable, "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,112 @@
+"""Training loop: learning-rate schedule, resume, and a few steps on a small Paraformer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from sparlora.adapters import apply_method
+from sparlora.data import AsrDataset, ManifestEntry, encode_target, num_fbank_frames, tokenizer_input
+from sparlora.model import load_paraformer
+from sparlora.train import TrainOptions, seed_everything, train_model, warmup_cosine_lr
+
+LORA = dict(name="lora", type="lora", rank=4, alpha=8, init="default")
+SPARLORA = dict(name="sparlora", type="lora", rank=4, alpha=8, init="sparlora",
+                sparlora=dict(basis="dft_complex", select="lowest", b_init="lstsq", residual=True))
+
+
+def test_schedule_warmup_values():
+    assert warmup_cosine_lr(1, 10, 3, 1e-3, 1e-5) == pytest.approx(1e-3 / 3)
+    assert warmup_cosine_lr(3, 10, 3, 1e-3, 1e-5) == pytest.approx(1e-3)
+
+
+def test_schedule_cosine_values():
+    lr_max, lr_min = 1e-3, 1e-5
+    for step in (4, 6, 8, 10):
+        progress = (step - 3) / 7
+        expected = lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
+        assert warmup_cosine_lr(step, 10, 3, lr_max, lr_min) == pytest.approx(expected)
+    assert warmup_cosine_lr(10, 10, 3, lr_max, lr_min) == pytest.approx(lr_min)
+    assert warmup_cosine_lr(12, 10, 3, lr_max, lr_min) == pytest.approx(lr_min)
+
+
+@pytest.fixture(scope="module")
+def wav_entries(tmp_path_factory):
+    """Ten short noisy tone recordings with transcripts from the tiny model's vocabulary."""
+    folder = tmp_path_factory.mktemp("wavs")
+    rng = np.random.default_rng(0)
+    texts = ["今天天气很好", "我们去成都", "吃火锅", "巴适得很", "天气好", "成都好", "我们吃", "很好", "今天去", "火锅巴适"]
+    entries = []
+    for index, text in enumerate(texts):
+        seconds = 0.6 + 0.1 * index
+        t = np.arange(int(16000 * seconds)) / 16000
+        signal = 0.2 * np.sin(2 * np.pi * (200 + 40 * index) * t) + 0.02 * rng.standard_normal(t.size)
+        path = folder / f"u{index}.wav"
+        soundfile.write(path, signal.astype(np.float32), 16000)
+        entries.append(ManifestEntry(f"u{index}", str(path), text, num_fbank_frames(seconds), len(text)))
+    return entries
+
+
+def run_training(model_dir, entries, out_dir, method, **options):
+    """Build a fresh model, apply `method` and train; return (model, [(step, loss, lr)])."""
+    seed_everything(0)
+    model, kwargs = load_paraformer(model_dir)
+    model = apply_method(model, method)
+    dataset = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
+    opts = TrainOptions(epochs=2, lr_max=1e-3, lr_min=1e-5, warmup_steps=3, max_frames_per_batch=300, seed=7, log_interval=100, **options)
+    steps = []
+    train_model(model, dataset, None, opts, out_dir, kwargs["tokenizer"], kwargs["frontend"],
+                on_step=lambda step, loss, lr: steps.append((step, loss, lr)))
+    return model, steps
+
+
+def trainable_state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", [LORA, SPARLORA], ids=["lora", "sparlora"])
+def test_resume_matches_straight_run(tiny_model_dir, wav_entries, tmp_path, method):
+    straight, straight_steps = run_training(tiny_model_dir, wav_entries, tmp_path / "a", method)
+    total = straight_steps[-1][0]
+    assert total == 10
+
+    _, first_steps = run_training(tiny_model_dir, wav_entries, tmp_path / "b", method, max_steps=5)
+    assert [s for s, _, _ in first_steps] == [1, 2, 3, 4, 5]
+    torch.manual_seed(999)  # the resumed run must restore the RNG, not inherit this state
+    resumed, resumed_steps = run_training(tiny_model_dir, wav_entries, tmp_path / "b", method)
+
+    assert [s for s, _, _ in resumed_steps] == [6, 7, 8, 9, 10]
+    for (step, loss, lr), (step_b, loss_b, lr_b) in zip(straight_steps[5:], resumed_steps):
+        assert step == step_b
+        assert lr_b == lr
+        assert abs(loss_b - loss) <= 1e-6
+    expected, actual = trainable_state(straight), trainable_state(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_resume_rejects_other_base(tiny_model_dir, wav_entries, tmp_path):
+    run_training(tiny_model_dir, wav_entries, tmp_path / "c", LORA, max_steps=2)
+    with pytest.raises(RuntimeError, match="other frozen weights"):
+        run_training(tiny_model_dir, wav_entries, tmp_path / "c", SPARLORA)
+
+
+def test_targets_split_per_character():
+    assert tokenizer_input("打开wifi开关") == "打 开 wifi 开 关"
+    assert tokenizer_input("〇二年") == "〇 二 年"
+
+
+def test_target_ids_in_vocabulary(tiny_model_dir):
+    _, kwargs = load_paraformer(tiny_model_dir)
+    tokenizer = kwargs["tokenizer"]
+    vocab_size = len(tokenizer.token_list)
+    unk = tokenizer.token_list.index("<unk>")
+    ids = encode_target(tokenizer, "巴适得很𠮶")
+    assert ids[:4] == [tokenizer.token_list.index(c) for c in "巴适得很"]
+    assert ids[4] == unk
+    assert max(ids) < vocab_size
