@@ -170,7 +170,7 @@ def log_trainable(model: nn.Module, label: str) -> dict[str, int]:
             per_type[".".join(parts[-3:])] += parameter.numel()
     logger.info("%s: %d of %d parameters trainable (%.3f%%)", label, trainable, total, 100.0 * trainable / max(total, 1))
     for name, count in sorted(per_type.items()):
-        logger.debug("  %s: %d trainable", name, count)
+        logger.info("  %s: %d trainable", name, count)
     return {"trainable": trainable, "total": total}
 
 

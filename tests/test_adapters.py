@@ -148,3 +148,15 @@ def test_other_adapter_name():
     before = model(x)
     assert apply_sparlora(model, SparloraConfig(), adapter_name="dialect") == 1
     assert (model(x) - before).abs().max().item() <= 1e-5
+
+
+def test_fsmn_conv_target_rejected(paraformer):
+    with pytest.raises(ValueError, match=r"fsmn_block, a Conv1d with weight shape \(128, 1, 11\)"):
+        resolve_targets(paraformer[0], ["self_attn.fsmn_block"])
+
+
+def test_fused_qkv_adapter_shape(tiny_model_dir):
+    model = apply_method(fresh_paraformer(tiny_model_dir), SPARLORA)
+    layer = model.base_model.model.encoder.encoders[0].self_attn.linear_q_k_v
+    assert tuple(layer.lora_A["default"].weight.shape) == (4, 128)
+    assert tuple(layer.lora_B["default"].weight.shape) == (384, 4)

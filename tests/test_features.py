@@ -1,0 +1,48 @@
+"""Training and decoding see the same features as FunASR's own inference path."""
+
+from __future__ import annotations
+
+import numpy as np
+import soundfile
+import torch
+
+from sparlora.audio import load_audio
+from sparlora.data import AsrDataset, ManifestEntry, extract_features
+from sparlora.model import load_paraformer
+
+
+def one_second_wav(path):
+    t = np.arange(16000) / 16000
+    signal = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.01 * np.random.default_rng(0).standard_normal(16000)
+    soundfile.write(path, signal.astype(np.float32), 16000)
+    return path
+
+
+def test_feature_shape_one_second(tiny_model_dir, tmp_path):
+    _, kwargs = load_paraformer(tiny_model_dir)
+    feats = extract_features(kwargs["frontend"], torch.from_numpy(load_audio(str(one_second_wav(tmp_path / "a.wav")))))
+    # 98 fbank frames of 25 ms every 10 ms, LFR with m=7, n=6: ceil(98 / 6) = 17 frames of 7 x 80 dims.
+    assert tuple(feats.shape) == (17, 560)
+
+
+def test_training_path_equals_funasr_inference_path(tiny_model_dir, tmp_path):
+    from funasr.utils.load_utils import extract_fbank, load_audio_text_image_video
+
+    _, kwargs = load_paraformer(tiny_model_dir)
+    frontend = kwargs["frontend"]
+    wav = one_second_wav(tmp_path / "a.wav")
+
+    dataset = AsrDataset([ManifestEntry("a", str(wav), "今天", 100, 2)], frontend, kwargs["tokenizer"], 16000, "mean")
+    ours = dataset.features(0)
+    samples = load_audio_text_image_video(str(wav), fs=frontend.fs)
+    theirs, lengths = extract_fbank(samples, frontend=frontend)
+    assert tuple(theirs.shape) == (1, 17, 560)
+    assert torch.equal(ours, theirs[0, : int(lengths[0])])
+
+
+def test_cmvn_comes_from_model(tiny_model_dir):
+    _, kwargs = load_paraformer(tiny_model_dir)
+    cmvn = kwargs["frontend"].cmvn
+    # The fixture's am.mvn has mean 10 and standard deviation 3: shift -10, scale 1/3.
+    assert torch.allclose(cmvn[0], torch.full((560,), -10.0))
+    assert torch.allclose(cmvn[1], torch.full((560,), 1 / 3), atol=1e-6)
