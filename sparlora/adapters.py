@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -172,6 +173,41 @@ def log_trainable(model: nn.Module, label: str) -> dict[str, int]:
     for name, count in sorted(per_type.items()):
         logger.info("  %s: %d trainable", name, count)
     return {"trainable": trainable, "total": total}
+
+
+def changes_base_weights(method: Mapping[str, Any]) -> bool:
+    """True when the method's init rewrites the frozen weights (PiSSA, OLoRA, residual SPaRLoRA)."""
+    init = str(method.get("init", "default"))
+    if init == "sparlora":
+        return bool((method.get("sparlora") or {}).get("residual", True))
+    return init.startswith("pissa") or init == "olora"
+
+
+def save_initial_adapter(peft_model, path: Path, adapter_name: str = "default") -> None:
+    """Save the adapter as initialized, before any optimizer step.
+
+    The saved config says `init_lora_weights: true`, as PEFT's conversion expects; the
+    in-memory config is left as it was.
+    """
+    config = peft_model.peft_config[adapter_name]
+    original = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        peft_model.save_pretrained(str(path), selected_adapters=[adapter_name])
+    finally:
+        config.init_lora_weights = original
+
+
+def save_adapter_for_original_base(peft_model, path: Path, initial_path: Path) -> None:
+    """Save the trained adapter as a plain LoRA adapter that applies to the original weights.
+
+    When the init rewrote the frozen weights (W_res = W - s B0 A0), the update relative
+    to the original W is s (B A - B0 A0) = s [B, -B0] [A; A0]: a rank-2r adapter, which
+    PEFT writes with r and lora_alpha doubled (alpha times sqrt(2) with rsLoRA) so the
+    scale stays the same. `initial_path` is the adapter saved by `save_initial_adapter`.
+    The in-memory adapter and config are unchanged.
+    """
+    peft_model.save_pretrained(str(path), path_initial_model_for_weight_conversion=str(initial_path))
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -293,7 +293,9 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
 
 
 def main(argv=None) -> int:
-    from sparlora.adapters import apply_method, merged_state_dict
+    from peft import PeftModel
+
+    from sparlora.adapters import apply_method, changes_base_weights, merged_state_dict, save_adapter_for_original_base, save_initial_adapter
     from sparlora.config import parse_stage_args
     from sparlora.model import load_paraformer, resolve_device, save_model_dir
 
@@ -317,9 +319,21 @@ def main(argv=None) -> int:
     train_set = make_set(cfg.corpus.train_split)
     dev_set = make_set(cfg.corpus.dev_split) if cfg.corpus.dev_split else None
 
-    model = apply_method(model, OmegaConf.to_container(cfg.method, resolve=True))
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    model = apply_method(model, method)
     model.to(device)
+    is_adapter = isinstance(model, PeftModel)
+    if is_adapter:
+        save_initial_adapter(model, exp_dir / "adapter_init")
     history = train_model(model, train_set, dev_set, opts, exp_dir, kwargs["tokenizer"], kwargs["frontend"], device)
+
+    # The adapter alone, in PEFT format, for the original pretrained weights.
+    if is_adapter and changes_base_weights(method):
+        save_adapter_for_original_base(model, exp_dir / "adapter", exp_dir / "adapter_init")
+    elif is_adapter:
+        model.save_pretrained(str(exp_dir / "adapter"))
+    if is_adapter:
+        logger.info("adapter for the original base model written to %s", exp_dir / "adapter")
 
     final_dir = save_model_dir(merged_state_dict(model), model_dir, exp_dir / "final_model")
     logger.info("merged model written to %s", final_dir)
