@@ -213,8 +213,8 @@ def save_adapter_for_original_base(peft_model, path: Path, initial_path: Path) -
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Return the state dict of the model with adapters merged into the weights.
 
-    For a PeftModel the adapters are merged in place (`merge_and_unload`); the keys are
-    then those of the original model, so the result loads into it directly.
+    A PeftModel has its adapters merged in place (`merge_and_unload`). The keys are then
+    those of the original model, so the result loads into it directly.
     """
     from peft import PeftModel
 

@@ -76,22 +76,36 @@ def main(argv=None) -> int:
     torch.set_num_threads(cfg.train.num_threads)
     data_dir = Path(cfg.data_dir)
 
-    # The base model's zero-shot decode is shared by every experiment of a corpus.
+    # The base model's zero-shot decode is shared by every experiment of a corpus and is
+    # reused while the model and the test manifests stay the same.
     models = {"base": (Path(cfg.model.dir), Path(cfg.exp_root) / "base")}
     if cfg.decode.checkpoint != "base":
         models["finetuned"] = (Path(cfg.exp_dir) / "final_model", Path(cfg.exp_dir))
     for label, (model_dir, exp_dir) in models.items():
-        if label == "base" and all((exp_dir / f"decode_{name}" / "hyp").is_file() for name in cfg.corpus.test_splits):
-            logger.info("base model decodes found in %s; delete them to decode again", exp_dir)
+        if not (model_dir / "model.pt").is_file():
+            raise FileNotFoundError(f"model not found: {model_dir / 'model.pt'}; run stage {2 if label == 'base' else 3} first")
+        manifests = [data_dir / name / "data.jsonl" for name in cfg.corpus.test_splits]
+        fingerprint = decode_fingerprint(model_dir / "model.pt", manifests)
+        stamp = exp_dir / "decode_fingerprint"
+        if label == "base" and stamp.is_file() and stamp.read_text(encoding="utf-8") == fingerprint:
+            logger.info("base model decodes in %s are up to date", exp_dir)
             continue
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model directory not found: {model_dir}; run stage {2 if label == 'base' else 3} first")
         model, kwargs = load_paraformer(model_dir, device=device, num_threads=cfg.train.num_threads)
-        for name in cfg.corpus.test_splits:
+        for name, manifest in zip(cfg.corpus.test_splits, manifests):
             logger.info("decoding %s with the %s model %s", name, label, model_dir)
-            decode_manifest(model, kwargs, data_dir / name / "data.jsonl", exp_dir / f"decode_{name}",
+            decode_manifest(model, kwargs, manifest, exp_dir / f"decode_{name}",
                             cfg.decode.batch_size, device, cfg.audio.sample_rate, cfg.audio.channel)
+        stamp.write_text(fingerprint, encoding="utf-8")
     return 0
+
+
+def decode_fingerprint(model_file: Path, manifests: list[Path]) -> str:
+    """Return a string that changes when the model file or a test manifest changes."""
+    parts = []
+    for path in [model_file, *manifests]:
+        stat = path.resolve().stat()
+        parts.append(f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}")
+    return "\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":

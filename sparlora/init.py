@@ -33,7 +33,7 @@ B_INITS = ("lstsq", "dft", "zero")
 
 @dataclass(frozen=True)
 class SparloraConfig:
-    """How SPaRLoRA initializes the LoRA factors of one adapter."""
+    """Settings of the SPaRLoRA initialization of one adapter."""
 
     basis: str = "dft_complex"  # dft_complex (cosine and sine rows), dft_real (cosine rows), random_orthonormal, kaiming
     select: str = "lowest"  # lowest | energy: which DFT frequencies

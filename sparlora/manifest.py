@@ -3,8 +3,8 @@
 The model comes from `model.name_or_path` (a ModelScope id or a local directory in
 the same layout) and is linked into `model.dir`. Each prepared split then gets
 `data.jsonl` (see `sparlora.data`), whose targets are the stage-1 normalized text.
-Characters missing from the model's tokens.json map to `<unk>` in training; the
-count of such tokens per split is logged here (stage 1 lists them in oov.txt).
+Characters missing from the model's tokens.json map to `<unk>` in training. This stage
+logs their count per split, and stage 1 lists them in oov.txt.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Locate, load and save FunASR Paraformer models in the ModelScope layout.
 
-A model directory holds `config.yaml` (FunASR's model config), `model.pt` (the
+A model directory contains `config.yaml` (FunASR's model config), `model.pt` (the
 state dict), `am.mvn` (global CMVN of the LFR features, Kaldi nnet text format),
 `tokens.json` (the token list) and `configuration.json` (which tells FunASR which file
 is which). Paraformer-large on ModelScope,
@@ -48,7 +48,7 @@ def locate_pretrained(name_or_path: str, revision: str, link_dir: Path) -> Path:
 
     A local directory must hold every file of the layout. Anything else is taken as a
     ModelScope id and downloaded with `modelscope.snapshot_download` into
-    MODELSCOPE_CACHE. `link_dir` then holds symbolic links to the model's files, so
+    MODELSCOPE_CACHE. `link_dir` then contains symbolic links to the model's files, so
     later stages read one fixed place whatever the source was.
     """
     local = Path(name_or_path)
@@ -113,8 +113,8 @@ def resolve_device(device: str) -> str:
 def save_model_dir(state_dict: dict, template_dir: Path, out_dir: Path, extra_files: dict[str, str] | None = None) -> Path:
     """Write a model directory: `template_dir`'s config, CMVN and tokens, plus new weights.
 
-    The weights go through a temporary file and a rename; the other files are copied
-    (links resolved), so the result is self-contained and loads with
+    The weights go through a temporary file and a rename. The other files are copied with
+    links resolved, so the result is self-contained and loads with
     `funasr.AutoModel(model=out_dir)`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def save_model_dir(state_dict: dict, template_dir: Path, out_dir: Path, extra_fi
 
 
 def write_configuration_json(model_dir: Path) -> None:
-    """Write the configuration.json that tells FunASR the role of each file."""
+    """Write configuration.json, which maps each file of the directory to its role for FunASR."""
     text = json.dumps(CONFIGURATION_JSON, indent=2) + "\n"
     (model_dir / "configuration.json").write_text(text, encoding="utf-8")
 

@@ -110,3 +110,26 @@ def test_target_ids_in_vocabulary(tiny_model_dir):
     assert ids[:4] == [tokenizer.token_list.index(c) for c in "巴适得很"]
     assert ids[4] == unk
     assert max(ids) < vocab_size
+
+
+def test_seg_dict_tokenizer_targets(tmp_path):
+    """Paraformer-large's tokenizer has a seg_dict: targets must not collapse into one <unk>."""
+    from funasr.tokenizer.char_tokenizer import CharTokenizer
+
+    from sparlora.text import TextNormConfig, normalize_text
+
+    tokens = ["<blank>", "<s>", "</s>", "巴", "适", "得", "很", "今", "天", "气", "好", "打", "开", "关", "wi@@", "fi", "二", "年", "<unk>"]
+    seg_dict = tmp_path / "seg_dict"
+    seg_dict.write_text("".join(f"{c} {c}\n" for c in "巴适得很今天气好打开关二年") + "wifi wi@@ fi\n", encoding="utf-8")
+    tokenizer = CharTokenizer(token_list=tokens, seg_dict=str(seg_dict), split_with_space=True, unk_symbol="<unk>")
+    unk = tokens.index("<unk>")
+
+    def ids(raw: str) -> list[int]:
+        return encode_target(tokenizer, normalize_text(raw, TextNormConfig()))
+
+    assert ids("“巴适得很”") == [tokens.index(c) for c in "巴适得很"]
+    assert ids("今天“天气”好") == [tokens.index(c) for c in "今天天气好"]
+    assert ids("打开wifi开关") == [tokens.index(t) for t in ["打", "开", "wi@@", "fi", "开", "关"]]
+    assert ids("〇二年")[1:] == [tokens.index("二"), tokens.index("年")]
+    assert ids("这个𠮶好").count(unk) == 3
+    assert all(i < len(tokens) for i in ids("这个𠮶好打开wifi"))
