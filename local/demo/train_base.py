@@ -8,7 +8,7 @@ demo's time budget. The exact command that made the shipped model:
     python local/demo/make_corpus.py --out-dir data/local/demo_base \
         --sets cmn_train,cmn_dev,cmn_test,sc_test
     python local/demo/train_base.py --corpus-dir data/local/demo_base \
-        --out-dir local/demo/base_model --minutes 12
+        --out-dir local/demo/base_model --minutes 40 --epochs 10
 
 The model directory gets `base_model_info.json`: the sha256 of config.yaml and
 tokens.json, the training command, and the test CERs, which
