@@ -59,21 +59,21 @@ def test_stage2_writes_manifests(recipe_run):
 
 def test_stage3_writes_merged_model(recipe_run):
     work, _ = recipe_run
-    final = work / "exp" / "sparlora_r16" / "final_model"
+    final = work / "exp" / "sparlora_r32" / "final_model"
     for name in ("config.yaml", "model.pt", "am.mvn", "tokens.json", "configuration.json"):
         assert (final / name).is_file()
-    assert list((work / "exp" / "sparlora_r16" / "tensorboard").iterdir())
+    assert list((work / "exp" / "sparlora_r32" / "tensorboard").iterdir())
 
 
 def test_stage4_decodes_base_and_finetuned(recipe_run):
     work, _ = recipe_run
-    for exp in ("base", "sparlora_r16"):
+    for exp in ("base", "sparlora_r32"):
         hyps = read_table(work / "exp" / exp / "decode_sc_test" / "hyp")
         assert len(hyps) == 12
 
 
 def test_stage5_reports_cer(recipe_run):
     work, output = recipe_run
-    results = (work / "exp" / "sparlora_r16" / "RESULTS.md").read_text(encoding="utf-8")
+    results = (work / "exp" / "sparlora_r32" / "RESULTS.md").read_text(encoding="utf-8")
     assert "sc_test" in results
     assert re.search(r"sc_test.*CER", output)

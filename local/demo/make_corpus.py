@@ -58,7 +58,7 @@ DEFAULT_SET_SIZES = {
     "cmn_train": ("mandarin", 8000),
     "cmn_dev": ("mandarin", 200),
     "cmn_test": ("mandarin", 200),
-    "sc_train": ("sichuanese", 600),
+    "sc_train": ("sichuanese", 1500),
     "sc_dev": ("sichuanese", 100),
     "sc_test": ("sichuanese", 200),
 }
