@@ -227,7 +227,8 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
                 optimizer.zero_grad(set_to_none=True)
                 continue
             (loss / opts.accum_grad).backward()
-            epoch_loss += float(loss) * float(weight)
+            loss_value = loss.item()
+            epoch_loss += loss_value * float(weight)
             epoch_weight += float(weight)
             if batch_number % opts.accum_grad and batch_number != len(batches):
                 continue
@@ -240,18 +241,18 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if on_step is not None:
-                on_step(step, float(loss), lr)
+                on_step(step, loss_value, lr)
 
             step_seconds = time.perf_counter() - batch_start
             frames = int(batch["speech_lengths"].sum())
-            writer.add_scalar("train/loss", float(loss), step)
+            writer.add_scalar("train/loss", loss_value, step)
             writer.add_scalar("train/lr", lr, step)
             writer.add_scalar("train/grad_norm", float(grad_norm), step)
             writer.add_scalar("train/step_seconds", step_seconds, step)
             writer.add_scalar("train/frames_per_second", frames / max(step_seconds, 1e-9), step)
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
             if step % opts.log_interval == 0:
-                logger.info("epoch %d step %d/%d loss %.4f lr %.3e grad_norm %.3f", epoch, step, total_steps, float(loss), lr, float(grad_norm))
+                logger.info("epoch %d step %d/%d loss %.4f lr %.3e grad_norm %.3f", epoch, step, total_steps, loss_value, lr, float(grad_norm))
 
             if opts.max_minutes > 0 and time.perf_counter() - started > opts.max_minutes * 60:
                 stop_reason = f"train.max_minutes={opts.max_minutes} reached"
