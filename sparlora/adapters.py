@@ -4,7 +4,10 @@ Methods: full fine-tuning (`type: full`) and every LoRA-family method PEFT provi
 (`type: lora`): LoRA (`init: default`), DoRA (`use_dora: true`), PiSSA
 (`init: pissa` or `pissa_niter_K`), OLoRA (`init: olora`) and SPaRLoRA
 (`init: sparlora`), which lets PEFT build ordinary LoRA layers and then overwrites their
-factors with `sparlora.init` (and residualizes the frozen weights). Nothing here imports
+factors with `sparlora.init` (and residualizes the frozen weights). AdaLoRA
+(`type: adalora`) uses PEFT's AdaLoRA layers; `AdaloraHooks` adds its orthogonal
+regularization to the loss and updates its rank budget after every optimizer step,
+because PEFT does both only inside the forward of transformers models. Nothing here imports
 FunASR: the same functions work on any torch model with Linear layers.
 
 Trainable-parameter policy, the same for every LoRA-family method: only the adapter
@@ -89,6 +92,81 @@ def lora_config(method: Mapping[str, Any], target_names: list[str]):
     )
 
 
+def adalora_config(method: Mapping[str, Any], target_names: list[str], total_steps: int | None):
+    """Build the PEFT AdaLoraConfig: ranks start at `adalora.init_r` and are pruned to `rank` on average.
+
+    The budget schedule: `tinit` steps at full rank, pruning until `total_steps - tfinal`,
+    then fixed ranks. Both default to a tenth of the run.
+    """
+    from peft import AdaLoraConfig
+
+    if not total_steps or total_steps <= 0:
+        raise ValueError("AdaLoRA needs the run's total number of optimizer steps (total_steps > 0)")
+    settings = dict(method.get("adalora") or {})
+    tinit = int(settings["tinit"]) if settings.get("tinit") is not None else total_steps // 10
+    tfinal = int(settings["tfinal"]) if settings.get("tfinal") is not None else total_steps // 10
+    if tinit + tfinal >= total_steps:
+        raise ValueError(f"AdaLoRA tinit {tinit} + tfinal {tfinal} leave no pruning phase in {total_steps} steps; lower them")
+    return AdaLoraConfig(
+        init_r=int(settings.get("init_r", 64)),
+        target_r=int(method["rank"]),
+        lora_alpha=float(method["alpha"]),
+        lora_dropout=float(method.get("dropout", 0.0)),
+        target_modules=target_names,
+        total_step=int(total_steps),
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=int(settings.get("deltaT", 1)),
+        beta1=float(settings.get("beta1", 0.85)),
+        beta2=float(settings.get("beta2", 0.85)),
+        orth_reg_weight=float(settings.get("orth_reg_weight", 0.5)),
+    )
+
+
+class AdaloraHooks:
+    """AdaLoRA's two training-loop duties for models whose forward is not a transformers model's.
+
+    `regularization(model)` returns orth_reg_weight times the mean over AdaLoRA factors of
+    ||P P^T - I||_F (P^T P for the B factors), the term PEFT adds to `outputs.loss`;
+    `after_step(model, step)` calls PEFT's `update_and_allocate`, which must run after
+    `optimizer.step()` and before `zero_grad()`.
+    """
+
+    def __init__(self, model: nn.Module, adapter_name: str = "default"):
+        self.adapter_name = adapter_name
+        self.weight = model.peft_config[adapter_name].orth_reg_weight
+
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        terms = []
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad or f".{self.adapter_name}" not in name or parameter.numel() == 0:
+                continue
+            if ".lora_A." in name:
+                gram = parameter @ parameter.T
+            elif ".lora_B." in name:
+                gram = parameter.T @ parameter
+            else:
+                continue
+            identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            terms.append(torch.linalg.matrix_norm(gram - identity))
+        if not terms:
+            return None
+        return self.weight * torch.stack(terms).mean()
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        model.base_model.update_and_allocate(step)
+
+
+def training_hooks(model: nn.Module):
+    """Return the method-specific hooks of the training loop, or None."""
+    from peft import PeftModel
+    from peft.tuners.adalora import AdaLoraModel
+
+    if isinstance(model, PeftModel) and isinstance(model.base_model, AdaLoraModel):
+        return AdaloraHooks(model)
+    return None
+
+
 def lora_layers(model: nn.Module, adapter_name: str):
     """Yield (name, layer) for every PEFT LoRA layer of `model` that carries `adapter_name`."""
     from peft.tuners.lora import LoraLayer
@@ -132,20 +210,28 @@ def apply_sparlora(model: nn.Module, cfg: SparloraConfig, adapter_name: str = "d
     return count
 
 
-def apply_method(model: nn.Module, method: Mapping[str, Any]) -> nn.Module:
+def apply_method(model: nn.Module, method: Mapping[str, Any], total_steps: int | None = None) -> nn.Module:
     """Prepare `model` for fine-tuning with `method` (the `method:` config section).
 
     Returns the model to train: the model itself for full fine-tuning, a PEFT
-    PeftModel for the LoRA family.
+    PeftModel for the LoRA family and AdaLoRA. AdaLoRA needs `total_steps`, the number
+    of optimizer steps of the whole run, for its rank-budget schedule.
     """
     kind = method.get("type", "lora")
+    if kind == "adalora":
+        from peft import get_peft_model
+
+        targets = resolve_targets(model, method.get("target_modules") or "paraformer")
+        peft_model = get_peft_model(model, adalora_config(method, targets, total_steps))
+        log_trainable(peft_model, method.get("name", "adalora"))
+        return peft_model
     if kind == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         log_trainable(model, method.get("name", "full"))
         return model
     if kind != "lora":
-        raise ValueError(f"invalid method.type {kind!r}; allowed: full, lora")
+        raise ValueError(f"invalid method.type {kind!r}; allowed: full, lora, adalora")
 
     from peft import get_peft_model
 

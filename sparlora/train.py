@@ -140,6 +140,8 @@ def save_checkpoint(path: Path, model, optimizer, position: dict, frozen_digest:
     `position` holds `step`, `epoch`, `batches_done` (batches of that epoch already
     trained), the epoch's running loss sums and the per-epoch history, so a resumed run
     continues with the next batch of the same shuffled order.
+    TODO: AdaLoRA's importance scores and rank masks (PEFT's rank allocator) are not saved
+    yet, so a resumed AdaLoRA run restarts its budget statistics.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     trainable = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -170,6 +172,12 @@ def load_checkpoint(path: Path, model, optimizer, frozen_digest: str) -> dict:
     return state["position"]
 
 
+def count_optimizer_steps(train_set: AsrDataset, opts: TrainOptions) -> int:
+    """Return the number of optimizer steps of a full run (epochs x batches / accumulation)."""
+    sampler = DurationBatchSampler([e.source_len for e in train_set.entries], opts.max_frames_per_batch, opts.seed)
+    return math.ceil(len(sampler) / opts.accum_grad) * opts.epochs
+
+
 def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: TrainOptions, out_dir: Path,
                 tokenizer, frontend, device: str = "cpu", on_step=None) -> list[dict]:
     """Train the parameters of `model` that require gradients; return one record per epoch.
@@ -179,6 +187,9 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    from sparlora.adapters import training_hooks
+
+    hooks = training_hooks(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
@@ -220,6 +231,9 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
             batch_start = time.perf_counter()
             batch = collate([train_set[i] for i in batches[batch_number - 1]])
             loss, _, weight = forward_loss(model, batch, device)
+            regularization = hooks.regularization(model) if hooks is not None else None
+            if regularization is not None:
+                loss = loss + regularization
             bar.update(1)
             if not torch.isfinite(loss):
                 skipped += 1
@@ -239,6 +253,8 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
                 group["lr"] = lr
             grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip > 0 else float("inf"))
             optimizer.step()
+            if hooks is not None:
+                hooks.after_step(model, step)
             optimizer.zero_grad(set_to_none=True)
             if on_step is not None:
                 on_step(step, loss_value, lr)
@@ -321,7 +337,7 @@ def main(argv=None) -> int:
     dev_set = make_set(cfg.corpus.dev_split) if cfg.corpus.dev_split else None
 
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    model = apply_method(model, method)
+    model = apply_method(model, method, total_steps=count_optimizer_steps(train_set, opts))
     model.to(device)
     is_adapter = isinstance(model, PeftModel)
     if is_adapter:

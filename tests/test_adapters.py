@@ -160,3 +160,39 @@ def test_fused_qkv_adapter_shape(tiny_model_dir):
     layer = model.base_model.model.encoder.encoders[0].self_attn.linear_q_k_v
     assert tuple(layer.lora_A["default"].weight.shape) == (4, 128)
     assert tuple(layer.lora_B["default"].weight.shape) == (384, 4)
+
+
+def test_adalora_prunes_ranks_and_regularizes(tiny_model_dir):
+    from sparlora.adapters import training_hooks
+
+    model = apply_method(TwoLayer(), dict(name="adalora", type="adalora", rank=2, alpha=4,
+                                          adalora=dict(init_r=4, tinit=2, tfinal=2), target_modules=["encoder.0", "encoder.2"]),
+                         total_steps=12)
+    hooks = training_hooks(model)
+    assert hooks is not None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 13):
+        x, y = torch.randn(8, 17, generator=generator), torch.randn(8, 9, generator=generator)
+        regularization = hooks.regularization(model)
+        assert regularization is not None and regularization.item() > 0
+        loss = nn.functional.mse_loss(model(x), y) + regularization
+        loss.backward()
+        optimizer.step()
+        hooks.after_step(model, step)
+        optimizer.zero_grad()
+    rank_pattern = model.peft_config["default"].rank_pattern
+    assert rank_pattern
+    kept = sum(sum(mask) for mask in rank_pattern.values())
+    assert kept == 2 * 2  # target rank 2 on average over the 2 layers
+
+
+def test_adalora_needs_total_steps():
+    with pytest.raises(ValueError, match="total number of optimizer steps"):
+        apply_method(TwoLayer(), dict(type="adalora", rank=2, alpha=4, target_modules=["encoder.0"]))
+
+
+def test_no_hooks_for_lora():
+    from sparlora.adapters import training_hooks
+
+    assert training_hooks(apply_method(TwoLayer(), dict(SPARLORA, target_modules=["encoder.0"]))) is None

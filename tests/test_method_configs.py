@@ -25,7 +25,7 @@ def encoder_output(model):
 
 def test_expected_methods_present():
     for name in ("full", "lora", "dora", "pissa", "pissa_niter4", "olora", "sparlora",
-                 "sparlora_dft", "sparlora_phase", "sparlora_random", "sparlora_energy"):
+                 "sparlora_dft", "sparlora_phase", "sparlora_random", "sparlora_energy", "adalora"):
         assert name in METHODS
 
 
@@ -36,6 +36,6 @@ def test_method_keeps_step0_output(name, tiny_model_dir):
     assert method["name"] == name
     model, _ = load_paraformer(tiny_model_dir)
     before = encoder_output(model)
-    adapted = apply_method(model, method)
+    adapted = apply_method(model, method, total_steps=100)
     assert (encoder_output(adapted) - before).abs().max().item() <= 1e-4
     assert any(p.requires_grad for p in adapted.parameters())
