@@ -196,3 +196,16 @@ def test_no_hooks_for_lora():
     from sparlora.adapters import training_hooks
 
     assert training_hooks(apply_method(TwoLayer(), dict(SPARLORA, target_modules=["encoder.0"]))) is None
+
+
+def test_library_imports_without_funasr():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['funasr'] = None\n"
+        "import sparlora.init, sparlora.adapters\n"
+        "assert 'funasr' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
