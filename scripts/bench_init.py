@@ -12,7 +12,8 @@ of the model (the copy is not timed):
 - the floor: the two matmuls per layer SPaRLoRA cannot avoid (W A^T and the rank-r
   update of W), timed alone on the same weights.
 
-Each method runs `--repeats` times and the median is reported. Usage:
+After one untimed warm-up round, each method runs `--repeats` times in a rotating order
+and the median is reported. Usage:
 
     python scripts/bench_init.py [--rank 32] [--repeats 3] [--threads 2]
 """
@@ -71,7 +72,7 @@ def method(init: str, rank: int, **sparlora) -> dict:
 
 @torch.no_grad()
 def floor_seconds(model: torch.nn.Module, rank: int) -> float:
-    """Time W A^T and W - s B A for every target Linear, with A fixed per input size."""
+    """Time W A^T and the in-place rank-r update W - B A for every target Linear, A fixed per input size."""
     targets = [model.get_submodule(name) for name in resolve_targets(model, "paraformer")]
     bases = {}
     for layer in targets:
@@ -81,7 +82,7 @@ def floor_seconds(model: torch.nn.Module, rank: int) -> float:
     for layer in targets:
         a = bases[layer.in_features]
         b = layer.weight @ a.T
-        layer.weight.sub_(b @ a)
+        layer.weight.addmm_(b, a, alpha=-1.0)
     return time.perf_counter() - start
 
 
@@ -95,7 +96,7 @@ def time_method(model: torch.nn.Module, spec: dict) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-pissa-svd", action="store_true", help="leave out the slowest method (full SVD)")
     args = parser.parse_args(argv)
@@ -119,13 +120,20 @@ def main(argv=None) -> int:
     if not args.skip_pissa_svd:
         methods["PiSSA (full SVD)"] = method("pissa", args.rank)
 
-    # Interleave the methods in each round so machine noise spreads over all of them.
-    times: dict[str, list[float]] = {name: [] for name in [*methods, "floor (2 matmuls per layer)"]}
-    for _ in range(args.repeats):
-        for name, spec in methods.items():
-            times[name].append(time_method(model, spec))
-        times["floor (2 matmuls per layer)"].append(floor_seconds(copy.deepcopy(model), args.rank))
-    median = {name: statistics.median(values) for name, values in times.items()}
+    # One untimed warm-up round, then rounds that interleave the methods in a rotating
+    # order, so machine noise and allocator warm-up spread over all of them.
+    floor_name = "floor (2 matmuls per layer)"
+    runners = {name: (lambda spec=spec: time_method(model, spec)) for name, spec in methods.items()}
+    runners[floor_name] = lambda: floor_seconds(copy.deepcopy(model), args.rank)
+    names = list(runners)
+    for name in names:
+        runners[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(args.repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(runners[name]())
+    median = {name: statistics.median(times[name]) for name in names}
 
     lora = median["PEFT LoRA (default init)"]
     print(f"\n| method | median seconds | / PEFT LoRA |")
@@ -134,7 +142,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {seconds:.3f} | {seconds / lora:.2f} |")
 
     sparlora = median["SPaRLoRA lowest"]
-    floor = median["floor (2 matmuls per layer)"]
+    floor = median[floor_name]
     print(f"\nSPaRLoRA lowest / PEFT LoRA = {sparlora / lora:.2f} (target <= 1.5)")
     if "PiSSA (full SVD)" in median:
         print(f"PiSSA (full SVD) / SPaRLoRA lowest = {median['PiSSA (full SVD)'] / sparlora:.1f} (target >= 15)")

@@ -202,7 +202,9 @@ def apply_sparlora(model: nn.Module, cfg: SparloraConfig, adapter_name: str = "d
         a, b = sparlora_factors(base.weight, lora_a.shape[0], scale, cfg, where)
         lora_a.copy_(a.to(lora_a.dtype))
         lora_b.copy_(b.to(lora_b.dtype))
-        if cfg.residual:
+        if cfg.residual and base.weight.dtype == torch.float32:
+            base.weight.addmm_(b, a, alpha=-scale)  # W - s B A in place, one fused matmul
+        elif cfg.residual:
             base.weight.copy_(residualize(base.weight, a, b, scale))
         count += 1
     if count == 0:

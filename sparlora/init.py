@@ -173,7 +173,7 @@ def build_b(weight: torch.Tensor, a: torch.Tensor, scale: float, cfg: SparloraCo
     if cfg.b_init == "dft":
         f_out = output_basis(weight.shape[0], rank, cfg, weight.device, where)
         wa = f_out @ (f_out.T @ wa)
-    return wa / scale
+    return wa.mul_(1.0 / scale)
 
 
 def sparlora_factors(weight: torch.Tensor, rank: int, scale: float, cfg: SparloraConfig, where: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
