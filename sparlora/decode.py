@@ -85,7 +85,11 @@ def main(argv=None) -> int:
         if not (model_dir / "model.pt").is_file():
             raise FileNotFoundError(f"model not found: {model_dir / 'model.pt'}; run stage {2 if label == 'base' else 3} first")
         manifests = [data_dir / name / "data.jsonl" for name in cfg.corpus.test_splits]
-        fingerprint = decode_fingerprint(model_dir / "model.pt", manifests)
+        missing = [str(path) for path in manifests if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"test manifests not found: {', '.join(missing)}; run stage 2 first")
+        settings = f"sample_rate={cfg.audio.sample_rate} channel={cfg.audio.channel} batch_size={cfg.decode.batch_size} device={device}"
+        fingerprint = decode_fingerprint(model_dir / "model.pt", manifests, settings)
         stamp = exp_dir / "decode_fingerprint"
         if label == "base" and stamp.is_file() and stamp.read_text(encoding="utf-8") == fingerprint:
             logger.info("base model decodes in %s are up to date", exp_dir)
@@ -99,9 +103,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def decode_fingerprint(model_file: Path, manifests: list[Path]) -> str:
-    """Return a string that changes when the model file or a test manifest changes."""
-    parts = []
+def decode_fingerprint(model_file: Path, manifests: list[Path], settings: str) -> str:
+    """Return a string that changes when the model file, a test manifest or a decoding setting changes."""
+    parts = [settings]
     for path in [model_file, *manifests]:
         stat = path.resolve().stat()
         parts.append(f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}")

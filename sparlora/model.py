@@ -72,12 +72,20 @@ def locate_pretrained(name_or_path: str, revision: str, link_dir: Path) -> Path:
     if missing:
         raise FileNotFoundError(f"{source} is not a FunASR model directory: missing {', '.join(missing)}")
 
+    if link_dir.exists() and link_dir.resolve() == source:
+        logger.info("using the pretrained model in place: %s", source)
+        return link_dir
     link_dir.mkdir(parents=True, exist_ok=True)
-    for name in sorted(os.listdir(source)):
-        if not (source / name).is_file():
-            continue
+    names = [name for name in sorted(os.listdir(source)) if (source / name).is_file()]
+    real_files = [name for name in names if (link_dir / name).exists() and not (link_dir / name).is_symlink()]
+    if real_files:
+        raise FileExistsError(
+            f"model.dir {link_dir} contains files of its own ({', '.join(real_files)}); stage 2 only "
+            "replaces links there. Point model.dir at an empty folder or at the model folder itself."
+        )
+    for name in names:
         target = link_dir / name
-        if target.is_symlink() or target.exists():
+        if target.is_symlink():
             target.unlink()
         target.symlink_to(source / name)
     logger.info("pretrained model %s linked into %s", source, link_dir)

@@ -46,3 +46,52 @@ def test_cmvn_comes_from_model(tiny_model_dir):
     # The fixture's am.mvn has mean 10 and standard deviation 3: shift -10, scale 1/3.
     assert torch.allclose(cmvn[0], torch.full((560,), -10.0))
     assert torch.allclose(cmvn[1], torch.full((560,), 1 / 3), atol=1e-6)
+
+
+
+def test_stage2_uses_model_dir_in_place(tiny_model_dir, tmp_path):
+    import shutil
+
+    from sparlora.model import locate_pretrained
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    before = (model_dir / "model.pt").read_bytes()
+    assert locate_pretrained(str(model_dir), "master", model_dir) == model_dir
+    assert not (model_dir / "model.pt").is_symlink()
+    assert (model_dir / "model.pt").read_bytes() == before
+
+
+def test_stage2_rejects_link_dir_with_files(tiny_model_dir, tmp_path):
+    import pytest
+
+    from sparlora.model import locate_pretrained
+
+    link_dir = tmp_path / "links"
+    link_dir.mkdir()
+    (link_dir / "model.pt").write_bytes(b"user data")
+    with pytest.raises(FileExistsError, match="contains files of its own"):
+        locate_pretrained(str(tiny_model_dir), "master", link_dir)
+    assert (link_dir / "model.pt").read_bytes() == b"user data"
+
+
+def test_stage2_relinks(tiny_model_dir, tmp_path):
+    from sparlora.model import locate_pretrained
+
+    link_dir = tmp_path / "links"
+    locate_pretrained(str(tiny_model_dir), "master", link_dir)
+    locate_pretrained(str(tiny_model_dir), "master", link_dir)
+    assert (link_dir / "model.pt").resolve() == (tiny_model_dir / "model.pt").resolve()
+
+
+def test_decode_fingerprint_tracks_settings(tmp_path):
+    from sparlora.decode import decode_fingerprint
+
+    model, manifest = tmp_path / "model.pt", tmp_path / "data.jsonl"
+    model.write_bytes(b"weights")
+    manifest.write_text("{}\n", encoding="utf-8")
+    first = decode_fingerprint(model, [manifest], "sample_rate=16000 channel=mean")
+    assert first == decode_fingerprint(model, [manifest], "sample_rate=16000 channel=mean")
+    assert first != decode_fingerprint(model, [manifest], "sample_rate=8000 channel=mean")
+    model.write_bytes(b"other weights")
+    assert first != decode_fingerprint(model, [manifest], "sample_rate=16000 channel=mean")
