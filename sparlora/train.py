@@ -12,6 +12,7 @@ the weights and the result is written as a FunASR model directory,
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -50,10 +51,66 @@ class TrainOptions:
     checkpoint_interval: int = 0  # optimizer steps between mid-epoch checkpoints; 0: only at epoch ends
     resume: bool = True  # go on from <exp_dir>/checkpoints/last.pt when it exists
 
+    def __post_init__(self):
+        for name in ("epochs", "accum_grad", "max_frames_per_batch", "log_interval"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"invalid train.{name} {getattr(self, name)!r}: must be a positive integer")
+        for name in ("warmup_steps", "max_steps", "checkpoint_interval"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"invalid train.{name} {getattr(self, name)!r}: must be 0 or more")
+        if not 0 <= self.lr_min <= self.lr_max:
+            raise ValueError(f"invalid learning rates: need 0 <= train.lr_min ({self.lr_min}) <= train.lr_max ({self.lr_max})")
+
     @classmethod
     def from_config(cls, section) -> "TrainOptions":
         known = {name: section[name] for name in cls.__dataclass_fields__ if name in section}
         return cls(**known)
+
+
+# Settings that may change between a run and its resumption without changing what is
+# trained: time and step limits, checkpoint spacing, logging, threads and device.
+RESUMABLE_CHANGES = {"max_minutes", "max_steps", "checkpoint_interval", "resume", "log_interval",
+                     "num_threads", "num_workers", "device"}
+
+
+def run_signature(cfg) -> dict:
+    """Return the settings a checkpoint was trained with, less those a resumed run may change."""
+    train = {key: value for key, value in OmegaConf.to_container(cfg.train, resolve=True).items() if key not in RESUMABLE_CHANGES}
+    return {
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "train": train,
+        "model": str(cfg.model.name_or_path),
+        "train_split": str(cfg.corpus.train_split),
+        "data_dir": str(cfg.data_dir),
+    }
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict:
+    """Return a nested mapping as {dotted.key: value}."""
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_resumable(exp_dir: Path, signature: dict, resume: bool) -> None:
+    """Raise when `exp_dir` has a checkpoint trained with other settings than `signature`."""
+    saved_path = exp_dir / "train_signature.json"
+    if not (resume and (exp_dir / "checkpoints" / "last.pt").is_file() and saved_path.is_file()):
+        return
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    saved_flat, new_flat = flatten(saved), flatten(signature)
+    changed = sorted(key for key in set(saved_flat) | set(new_flat) if saved_flat.get(key) != new_flat.get(key))
+    if not changed:
+        return
+    raise RuntimeError(
+        f"{exp_dir} holds a checkpoint trained with other settings ({', '.join(changed)}). "
+        "Give this run another tag (tag=...), or pass train.resume=false to train again from the start."
+    )
 
 
 def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, lr_max: float, lr_min: float) -> float:
@@ -228,6 +285,10 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
         skipped = position["skipped"] if resuming else 0
         bar = tqdm(total=len(batches), initial=first_batch - 1, desc=f"epoch {epoch}/{opts.epochs}", leave=False, dynamic_ncols=True)
         for batch_number in range(first_batch, len(batches) + 1):
+            if opts.max_steps > 0 and step >= opts.max_steps:
+                stop_reason = f"train.max_steps={opts.max_steps} reached"
+                batch_number -= 1
+                break
             batch_start = time.perf_counter()
             batch = collate([train_set[i] for i in batches[batch_number - 1]])
             loss, _, weight = forward_loss(model, batch, device)
@@ -283,7 +344,7 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
                 break
         bar.close()
         if stop_reason and batch_number < len(batches):
-            logger.info("stopping in epoch %d at step %d: %s; rerun to resume", epoch, step, stop_reason)
+            logger.info("stopping in epoch %d at step %d: %s; rerun with a higher limit to go on", epoch, step, stop_reason)
             break
 
         record = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(epoch_weight, 1e-9),
@@ -323,8 +384,11 @@ def main(argv=None) -> int:
     seed_everything(opts.seed)
 
     exp_dir = Path(cfg.exp_dir)
+    signature = run_signature(cfg)
+    check_resumable(exp_dir, signature, opts.resume)
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    (exp_dir / "train_signature.json").write_text(json.dumps(signature, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     model_dir = Path(cfg.model.dir)
     model, kwargs = load_paraformer(model_dir, device=device, num_threads=cfg.train.num_threads)
     if not cfg.train.specaug:
@@ -352,6 +416,8 @@ def main(argv=None) -> int:
     if is_adapter:
         logger.info("adapter for the original base model written to %s", exp_dir / "adapter")
 
+    if not history or history[-1]["epoch"] < opts.epochs:
+        logger.warning("training stopped before epoch %d ended; final_model holds the weights so far", opts.epochs)
     final_dir = save_model_dir(merged_state_dict(model), model_dir, exp_dir / "final_model")
     logger.info("merged model written to %s", final_dir)
     if history and "dev_cer" in history[-1]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -133,3 +134,31 @@ def test_seg_dict_tokenizer_targets(tmp_path):
     assert ids("〇二年")[1:] == [tokens.index("二"), tokens.index("年")]
     assert ids("这个𠮶好").count(unk) == 3
     assert all(i < len(tokens) for i in ids("这个𠮶好打开wifi"))
+
+
+def test_max_steps_is_total_cap(tiny_model_dir, wav_entries, tmp_path):
+    _, first = run_training(tiny_model_dir, wav_entries, tmp_path / "d", LORA, max_steps=5)
+    _, second = run_training(tiny_model_dir, wav_entries, tmp_path / "d", LORA, max_steps=5)
+    assert [s for s, _, _ in first] == [1, 2, 3, 4, 5]
+    assert second == []
+
+
+def test_resume_rejects_changed_settings(tmp_path):
+    from sparlora.train import check_resumable
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    saved = {"method": {"rank": 32}, "train": {"lr_max": 0.002, "seed": 1}}
+    (tmp_path / "train_signature.json").write_text(json.dumps(saved), encoding="utf-8")
+    check_resumable(tmp_path, saved, resume=True)
+    changed = {"method": {"rank": 32}, "train": {"lr_max": 0.0001, "seed": 7}}
+    with pytest.raises(RuntimeError, match=r"other settings \(train\.lr_max, train\.seed\)"):
+        check_resumable(tmp_path, changed, resume=True)
+    check_resumable(tmp_path, changed, resume=False)
+
+
+def test_invalid_train_options_rejected():
+    with pytest.raises(ValueError, match="train.accum_grad"):
+        TrainOptions(accum_grad=0)
+    with pytest.raises(ValueError, match="lr_min"):
+        TrainOptions(lr_max=1e-4, lr_min=1e-3)
