@@ -2,6 +2,7 @@
 # Adapt a pretrained FunASR Paraformer to a Chinese dialect with SPaRLoRA.
 # With no options it runs every stage on the built-in demo corpus.
 set -euo pipefail
+caller_dir=$(pwd)
 cd "$(dirname "$0")"
 
 stage=0
@@ -23,7 +24,8 @@ Stages:
 Options:
   --stage N         first stage to run (default: $stage)
   --stop-stage M    last stage to run (default: $stop_stage)
-  --config FILE     recipe config (default: $config)
+  --config FILE     recipe config (default: $config); it may sit anywhere and use the
+                    method/ configs of conf/
   --skip-setup BOOL true: do not check or install the environment (default: $skip_setup)
 
 Hydra overrides after the options change any config value, for example:
@@ -33,6 +35,25 @@ Every stage reruns alone from what the earlier stages wrote."
 
 . scripts/parse_options.sh
 overrides=("$@")
+
+for option in stage stop_stage; do
+  if ! [[ "${!option}" =~ ^[0-5]$ ]]; then
+    echo "$0: invalid --${option//_/-} '${!option}': expected a stage number from 0 to 5" >&2
+    exit 1
+  fi
+done
+if [ "$stage" -gt "$stop_stage" ]; then
+  echo "$0: --stage $stage is after --stop-stage $stop_stage; nothing to run" >&2
+  exit 1
+fi
+# A relative --config is taken from the folder run.sh was called from, or else from here.
+if [ ! -f "$config" ] && [ -f "$caller_dir/$config" ]; then
+  config="$caller_dir/$config"
+fi
+if [ ! -f "$config" ]; then
+  echo "$0: config file not found: $config" >&2
+  exit 1
+fi
 
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [run.sh] $*"; }
 

@@ -18,15 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 
 logger = logging.getLogger(__name__)
 
+RECIPE_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 
 def load_config(config_file: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose `config_file` (a YAML file inside a hydra config folder) with overrides."""
     path = Path(config_file).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {config_file}")
+    overrides = list(overrides)
+    if path.parent != RECIPE_CONF_DIR:
+        # A config outside conf/ still finds the method/ group of the recipe.
+        overrides.append(f"hydra.searchpath=[file://{RECIPE_CONF_DIR}]")
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
-            cfg = compose(config_name=path.stem, overrides=list(overrides))
+            cfg = compose(config_name=path.stem, overrides=overrides)
     except HydraException as error:
         raise ValueError(f"invalid config {config_file} with overrides {list(overrides)}: {error}") from error
     OmegaConf.resolve(cfg)

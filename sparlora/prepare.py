@@ -465,9 +465,9 @@ def prepare_kaldi_dir(src: Path, dst: Path, audio_cfg: Any, max_drop_fraction: f
     `audio_cfg` is the `audio` config section (segment_end_tolerance, min_duration,
     max_duration, channel). The split name in messages is `dst`'s name. Raises
     DataPrepError when a table is missing or invalid (for example not UTF-8), when no
-    utterance is kept, or when the dropped share exceeds `max_drop_fraction`. The last
-    two write prep_report.txt first and remove the other outputs, so no stale data
-    is left for later stages.
+    utterance is kept, or when the dropped share exceeds `max_drop_fraction`. Each failure
+    removes the split's earlier outputs and writes prep_report.txt with the reason, so no
+    stale data is left for later stages.
     """
     src, dst = Path(src), Path(dst)
     split = dst.name
@@ -484,7 +484,11 @@ def prepare_kaldi_dir(src: Path, dst: Path, audio_cfg: Any, max_drop_fraction: f
         candidates = _collect_candidates(src, wav, text, utt2spk, report)
         has_segments = (src / "segments").is_file()
     except ValueError as error:
-        raise DataPrepError(f"split {split}: invalid table in {src}: {error}") from error
+        failure = f"split {split}: invalid table in {src}: {error}"
+        _remove_outputs(dst)
+        if dst.is_dir():
+            atomic_write_text(report.report_path, f"split: {split}\nsource: {src}\nfailed: {failure}\n")
+        raise DataPrepError(failure) from error
     if utt2spk is None:
         logger.info("split %s: %s has no utt2spk, so each utterance is its own speaker", split, src)
 
@@ -504,8 +508,7 @@ def prepare_kaldi_dir(src: Path, dst: Path, audio_cfg: Any, max_drop_fraction: f
             f"see {report.report_path}, then fix the data or raise audio.max_drop_fraction"
         )
     if failure is not None:
-        for name in OUTPUT_FILES + STAGE1_FILES:
-            (dst / name).unlink(missing_ok=True)
+        _remove_outputs(dst)
         atomic_write_text(report.report_path, report.render())
         raise DataPrepError(failure)
 
@@ -513,6 +516,12 @@ def prepare_kaldi_dir(src: Path, dst: Path, audio_cfg: Any, max_drop_fraction: f
     _write_outputs(dst, kept, wav, text, speakers, has_segments, spk2gender, report.recordings)
     atomic_write_text(report.report_path, report.render())
     return report
+
+
+def _remove_outputs(dst: Path) -> None:
+    """Remove a split's prepared files, so later stages cannot use stale data after a failure."""
+    for name in OUTPUT_FILES + STAGE1_FILES:
+        (dst / name).unlink(missing_ok=True)
 
 
 def _log_problems(split: str, report: PrepReport) -> None:

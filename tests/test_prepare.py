@@ -496,3 +496,20 @@ def test_rerun_removes_stale_stage1_files(tmp_path):
     prepare_kaldi_dir(src, dst, AUDIO, 0.0)
     for name in ("text.raw", "oov.txt", "text.dropped", "data.jsonl"):
         assert not (dst / name).exists(), name
+
+
+def test_invalid_table_removes_stale_outputs(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, np.zeros(16000, dtype=np.float32), 16000)
+    (src / "wav.scp").write_text(f"u1 {wav}\n", encoding="utf-8")
+    (src / "text").write_text("u1 今天\n", encoding="utf-8")
+    dst = tmp_path / "dst"
+    prepare_kaldi_dir(src, dst, AUDIO, 0.0)
+    (src / "text").write_text("u1 今天\nu1 明天\n", encoding="utf-8")
+    with pytest.raises(DataPrepError, match="duplicate"):
+        prepare_kaldi_dir(src, dst, AUDIO, 0.0)
+    assert not (dst / "text").exists()
+    assert not (dst / "wav.scp").exists()
+    assert "duplicate" in (dst / "prep_report.txt").read_text(encoding="utf-8")

@@ -1,0 +1,37 @@
+"""run.sh option parsing: invalid values fail before any stage runs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_sh(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "run.sh"), "--skip-setup", "true", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_help_lists_stages():
+    result = run_sh("--help")
+    assert result.returncode == 0
+    for number in range(6):
+        assert f"  {number}  " in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stage", "abc"], "invalid --stage 'abc'"),
+    (["--stage", "6"], "invalid --stage '6'"),
+    (["--stop-stage", "data_dir=/tmp/x"], "invalid --stop-stage"),
+    (["--stage", "3", "--stop-stage", "1"], "--stage 3 is after --stop-stage 1"),
+    (["--stages", "1"], "invalid option --stages"),
+    (["--stage=1"], "write options as '--name value'"),
+    (["--config", "nosuch.yaml"], "config file not found: nosuch.yaml"),
+])
+def test_invalid_options_rejected(args, message):
+    result = run_sh(*args)
+    assert result.returncode == 1
+    assert message in result.stderr
