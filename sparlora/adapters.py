@@ -105,8 +105,13 @@ def adalora_config(method: Mapping[str, Any], target_names: list[str], total_ste
     settings = dict(method.get("adalora") or {})
     tinit = int(settings["tinit"]) if settings.get("tinit") is not None else total_steps // 10
     tfinal = int(settings["tfinal"]) if settings.get("tfinal") is not None else total_steps // 10
-    if tinit + tfinal >= total_steps:
-        raise ValueError(f"AdaLoRA tinit {tinit} + tfinal {tfinal} leave no pruning phase in {total_steps} steps; lower them")
+    # The allocator scores importance on the steps before total_steps - tfinal and fixes
+    # the ranks at that step, so it needs at least one scoring step first.
+    if total_steps - tfinal < max(2, tinit + 1):
+        raise ValueError(
+            f"AdaLoRA needs at least one importance-scoring step before its final phase: total_steps {total_steps}, "
+            f"tinit {tinit}, tfinal {tfinal}; train for more steps or lower tinit and tfinal"
+        )
     return AdaLoraConfig(
         init_r=int(settings.get("init_r", 64)),
         target_r=int(method["rank"]),
@@ -155,6 +160,23 @@ class AdaloraHooks:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         model.base_model.update_and_allocate(step)
+
+    def state_dict(self, model: nn.Module) -> dict:
+        """Return the rank allocator's importance statistics and the rank pattern, for checkpoints."""
+        allocator = model.base_model.rankallocator
+        return {
+            "ipt": allocator.ipt,
+            "exp_avg_ipt": allocator.exp_avg_ipt,
+            "exp_avg_unc": allocator.exp_avg_unc,
+            "rank_pattern": model.peft_config[self.adapter_name].rank_pattern,
+        }
+
+    def load_state_dict(self, model: nn.Module, state: dict) -> None:
+        allocator = model.base_model.rankallocator
+        allocator.ipt = state["ipt"]
+        allocator.exp_avg_ipt = state["exp_avg_ipt"]
+        allocator.exp_avg_unc = state["exp_avg_unc"]
+        model.peft_config[self.adapter_name].rank_pattern = state["rank_pattern"]
 
 
 def training_hooks(model: nn.Module):

@@ -191,25 +191,25 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(path: Path, model, optimizer, position: dict, frozen_digest: str) -> None:
+def save_checkpoint(path: Path, model, optimizer, position: dict, frozen_digest: str, hooks=None) -> None:
     """Write the trainable parameters, optimizer, position and RNG states, atomically.
 
     `position` holds `step`, `epoch`, `batches_done` (batches of that epoch already
     trained), the epoch's running loss sums and the per-epoch history, so a resumed run
     continues with the next batch of the same shuffled order.
-    TODO: AdaLoRA's importance scores and rank masks (PEFT's rank allocator) are not saved
-    yet, so a resumed AdaLoRA run restarts its budget statistics.
+    The method hooks' state (AdaLoRA's importance scores and rank pattern) is saved too.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     trainable = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
     state = {"model": trainable, "optimizer": optimizer.state_dict(), "position": position,
-             "rng": rng_state(), "frozen_digest": frozen_digest}
+             "rng": rng_state(), "frozen_digest": frozen_digest,
+             "hooks": hooks.state_dict(model) if hooks is not None else None}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, frozen_digest: str) -> dict:
+def load_checkpoint(path: Path, model, optimizer, frozen_digest: str, hooks=None) -> dict:
     """Restore a checkpoint written by `save_checkpoint`; return its position."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["frozen_digest"] != frozen_digest:
@@ -225,6 +225,8 @@ def load_checkpoint(path: Path, model, optimizer, frozen_digest: str) -> dict:
         for name, value in state["model"].items():
             parameters[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
+    if hooks is not None and state.get("hooks") is not None:
+        hooks.load_state_dict(model, state["hooks"])
     set_rng_state(state["rng"])
     return state["position"]
 
@@ -266,7 +268,7 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
     frozen_digest = frozen_weights_digest(model)
     position = {"step": 0, "epoch": 1, "batches_done": 0, "epoch_loss": 0.0, "epoch_weight": 0.0, "skipped": 0, "history": []}
     if opts.resume and last_path.is_file():
-        position = load_checkpoint(last_path, model, optimizer, frozen_digest)
+        position = load_checkpoint(last_path, model, optimizer, frozen_digest, hooks)
         logger.info("resumed from %s at epoch %d, step %d", last_path, position["epoch"], position["step"])
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=position["step"] + 1 if position["step"] else None)
 
@@ -339,7 +341,7 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
             if (interval_due or stop_reason) and batch_number < len(batches):
                 save_checkpoint(last_path, model, optimizer, {
                     "step": step, "epoch": epoch, "batches_done": batch_number, "epoch_loss": epoch_loss,
-                    "epoch_weight": epoch_weight, "skipped": skipped, "history": history}, frozen_digest)
+                    "epoch_weight": epoch_weight, "skipped": skipped, "history": history}, frozen_digest, hooks)
             if stop_reason:
                 break
         bar.close()
@@ -358,7 +360,7 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
         logger.info("epoch %d done: %s", epoch, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         end_position = {"step": step, "epoch": epoch + 1, "batches_done": 0, "epoch_loss": 0.0,
                         "epoch_weight": 0.0, "skipped": 0, "history": history}
-        save_checkpoint(last_path, model, optimizer, end_position, frozen_digest)
+        save_checkpoint(last_path, model, optimizer, end_position, frozen_digest, hooks)
         shutil.copyfile(last_path, out_dir / "checkpoints" / f"epoch_{epoch}.pt")
         if stop_reason:
             logger.info("stopping after epoch %d: %s", epoch, stop_reason)

@@ -209,3 +209,8 @@ def test_library_imports_without_funasr():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_adalora_needs_a_scoring_step():
+    with pytest.raises(ValueError, match="importance-scoring step"):
+        apply_method(TwoLayer(), dict(type="adalora", rank=2, alpha=4, target_modules=["encoder.0"]), total_steps=1)

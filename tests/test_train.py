@@ -13,7 +13,7 @@ import torch
 from sparlora.adapters import apply_method
 from sparlora.data import AsrDataset, ManifestEntry, encode_target, num_fbank_frames, tokenizer_input
 from sparlora.model import load_paraformer
-from sparlora.train import TrainOptions, seed_everything, train_model, warmup_cosine_lr
+from sparlora.train import TrainOptions, count_optimizer_steps, seed_everything, train_model, warmup_cosine_lr
 
 LORA = dict(name="lora", type="lora", rank=4, alpha=8, init="default")
 SPARLORA = dict(name="sparlora", type="lora", rank=4, alpha=8, init="sparlora",
@@ -56,9 +56,9 @@ def run_training(model_dir, entries, out_dir, method, **options):
     """Build a fresh model, apply `method` and train; return (model, [(step, loss, lr)])."""
     seed_everything(0)
     model, kwargs = load_paraformer(model_dir)
-    model = apply_method(model, method)
     dataset = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
     opts = TrainOptions(epochs=2, lr_max=1e-3, lr_min=1e-5, warmup_steps=3, max_frames_per_batch=300, seed=7, log_interval=100, **options)
+    model = apply_method(model, method, total_steps=count_optimizer_steps(dataset, opts))
     steps = []
     train_model(model, dataset, None, opts, out_dir, kwargs["tokenizer"], kwargs["frontend"],
                 on_step=lambda step, loss, lr: steps.append((step, loss, lr)))
@@ -69,7 +69,10 @@ def trainable_state(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method", [LORA, SPARLORA], ids=["lora", "sparlora"])
+ADALORA = dict(name="adalora", type="adalora", rank=2, alpha=4, adalora=dict(init_r=4, tinit=2, tfinal=2))
+
+
+@pytest.mark.parametrize("method", [LORA, SPARLORA, ADALORA], ids=["lora", "sparlora", "adalora"])
 def test_resume_matches_straight_run(tiny_model_dir, wav_entries, tmp_path, method):
     straight, straight_steps = run_training(tiny_model_dir, wav_entries, tmp_path / "a", method)
     total = straight_steps[-1][0]
