@@ -54,6 +54,23 @@ def parse_stage_args(description: str, argv: Sequence[str] | None = None) -> Dic
     return load_config(args.config, args.overrides)
 
 
+def run_main(main, argv: Sequence[str] | None = None) -> int:
+    """Run a stage entry point; an error in the user's data or settings ends it with one log line.
+
+    Errors that carry their own explanation (invalid values, missing files, failed checks)
+    are logged without a traceback and return exit status 1. Set SPARLORA_DEBUG=1 to get the
+    traceback too. Anything else propagates with its traceback, as a bug should.
+    """
+    import os
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        setup_logging()
+        logger.error("%s: %s", type(error).__name__, error, exc_info=os.environ.get("SPARLORA_DEBUG") == "1")
+        return 1
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Log to stderr with a timestamp and the module name, as every stage does."""
     logging.basicConfig(
@@ -74,4 +91,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -113,4 +113,6 @@ def decode_fingerprint(model_file: Path, manifests: list[Path], settings: str) -
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sparlora.config import run_main
+
+    raise SystemExit(run_main(main))

@@ -388,4 +388,6 @@ def _percent(rate: float | None) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sparlora.config import run_main
+
+    raise SystemExit(run_main(main))

@@ -659,4 +659,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sparlora.config import run_main
+
+    raise SystemExit(run_main(main))

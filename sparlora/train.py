@@ -428,4 +428,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sparlora.config import run_main
+
+    raise SystemExit(run_main(main))

@@ -35,3 +35,13 @@ def test_invalid_options_rejected(args, message):
     result = run_sh(*args)
     assert result.returncode == 1
     assert message in result.stderr
+
+
+def test_stage_error_is_one_line():
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "sparlora.train", "--config", "conf/demo.yaml", "train.accum_grad=0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "invalid train.accum_grad 0" in result.stderr
+    assert "Traceback" not in result.stderr
