@@ -108,7 +108,7 @@ def check_resumable(exp_dir: Path, signature: dict, resume: bool) -> None:
     if not changed:
         return
     raise RuntimeError(
-        f"{exp_dir} holds a checkpoint trained with other settings ({', '.join(changed)}). "
+        f"{exp_dir} contains a checkpoint trained with other settings ({', '.join(changed)}). "
         "Give this run another tag (tag=...), or pass train.resume=false to train again from the start."
     )
 
@@ -116,9 +116,9 @@ def check_resumable(exp_dir: Path, signature: dict, resume: bool) -> None:
 def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, lr_max: float, lr_min: float) -> float:
     """Return the learning rate of optimizer step `step` (1-based).
 
-    Steps 1..warmup_steps rise linearly to lr_max; after that the rate follows
-    lr_min + (lr_max - lr_min) * (1 + cos(pi * t)) / 2 with t going from 0 to 1 at
-    `total_steps`, and stays at lr_min beyond it.
+    Steps 1..warmup_steps rise linearly to lr_max. After that the rate follows
+    lr_min + (lr_max - lr_min) * (1 + cos(pi * t)) / 2, where t goes from 0 to 1 at
+    `total_steps`, and it stays at lr_min beyond that.
     """
     if warmup_steps > 0 and step <= warmup_steps:
         return lr_max * step / warmup_steps
@@ -172,7 +172,7 @@ def dev_cer(model, dataset: AsrDataset, tokenizer, frontend, device: str) -> flo
 
 
 def frozen_weights_digest(model) -> str:
-    """Return a sha256 of the frozen parameters, to check that a resumed run sees the same base."""
+    """Return a sha256 of the frozen parameters, to check that a resumed run has the same base."""
     digest = hashlib.sha256()
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -194,7 +194,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, model, optimizer, position: dict, frozen_digest: str, hooks=None) -> None:
     """Write the trainable parameters, optimizer, position and RNG states, atomically.
 
-    `position` holds `step`, `epoch`, `batches_done` (batches of that epoch already
+    `position` contains `step`, `epoch`, `batches_done` (batches of that epoch already
     trained), the epoch's running loss sums and the per-epoch history, so a resumed run
     continues with the next batch of the same shuffled order.
     The method hooks' state (AdaLoRA's importance scores and rank pattern) is saved too.
