@@ -296,7 +296,7 @@ def changes_base_weights(method: Mapping[str, Any]) -> bool:
 def save_initial_adapter(peft_model, path: Path, adapter_name: str = "default") -> None:
     """Save the adapter as initialized, before any optimizer step.
 
-    The saved config says `init_lora_weights: true`, as PEFT's conversion expects; the
+    The saved config has `init_lora_weights: true`, as PEFT's conversion expects. The
     in-memory config is left as it was.
     """
     config = peft_model.peft_config[adapter_name]

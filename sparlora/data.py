@@ -39,8 +39,8 @@ def tokenizer_input(text: str) -> str:
     """Return `text` with every character and every Latin word separated by one space.
 
     FunASR's CharTokenizer with a seg_dict (Paraformer-large ships one) splits on
-    spaces and turns a whole chunk into one `<unk>` when the chunk's first character is
-    not a CJK ideograph, Latin letter or digit; it also looks Latin words up only when
+    spaces. It turns a whole chunk into one `<unk>` when the chunk's first character is
+    not a CJK ideograph, Latin letter or digit, and it looks Latin words up only when
     they stand alone. One character per chunk, and Latin words kept whole, give one
     token (or one `<unk>`) per character and let words such as `wifi` reach the
     seg_dict. Without a seg_dict the tokenizer skips spaces, so the result is the same.
@@ -159,7 +159,7 @@ class DurationBatchSampler(torch.utils.data.Sampler):
     """Batches filled up to `max_frames` padded fbank frames, from length-sorted buckets.
 
     Utterances are sorted by length and cut into batches whose padded size (longest
-    utterance x batch size) stays within `max_frames`; the batch order is shuffled with
+    utterance x batch size) stays within `max_frames`. The batch order is shuffled with
     `seed + epoch`. An utterance longer than `max_frames` forms a batch of its own.
     """
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Synthesize the demo corpus: Mandarin and Sichuanese-like speech from real Chinese text.
 
-Text: the Chinese fortunes of Debian's fortunes-zh, with ANSI colour codes removed,
-split at every character that is not a CJK ideograph, keeping segments of
+Text: the Chinese fortunes of Debian's fortunes-zh with ANSI colour codes removed, split
+at every character that is not a CJK ideograph. The recipe keeps the segments of
 `--min-chars` to `--max-chars` characters (about 2 s of speech) that use only the
 `--vocab-size` most frequent characters. Sentences are shuffled with `--seed` and dealt
 out to the sets, so no sentence appears in two sets.
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
 
     offset = 0
-    wanted = [name for name in args.sets.split(",") if name]
-    unknown = [name for name in wanted if name not in DEFAULT_SET_SIZES]
+    requested = [name for name in args.sets.split(",") if name]
+    unknown = [name for name in requested if name not in DEFAULT_SET_SIZES]
     if unknown:
         logger.error("unknown sets %s; known sets: %s", unknown, ", ".join(DEFAULT_SET_SIZES))
         return 1
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(chosen) < size:
             logger.error("only %d sentences left for %s, which needs %d", len(chosen), name, size)
             return 1
-        if name in wanted:
+        if name in requested:
             count = min(size, args.max_utts) if args.max_utts > 0 else size
             make_set(name, accent, chosen[:count], args.out_dir, args.seed, args.jobs)
     return 0
