@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from sparlora.init import SparloraConfig, residualize, sparlora_factors
+from sparlora.init import SparloraConfig, build_a, residualize, sparlora_factors
 
 logger = logging.getLogger(__name__)
 
@@ -221,13 +221,20 @@ def apply_sparlora(model: nn.Module, cfg: SparloraConfig, adapter_name: str = "d
         lora_b = layer.lora_B[adapter_name].weight
         scale = layer.scaling[adapter_name]
         where = f"{name} (Linear {base.in_features}->{base.out_features})"
-        a, b = sparlora_factors(base.weight, lora_a.shape[0], scale, cfg, where)
-        lora_a.copy_(a.to(lora_a.dtype))
-        lora_b.copy_(b.to(lora_b.dtype))
-        if cfg.residual and base.weight.dtype == torch.float32:
-            base.weight.addmm_(b, a, alpha=-scale)  # W - s B A in place, one fused matmul
-        elif cfg.residual:
-            base.weight.copy_(residualize(base.weight, a, b, scale))
+        all_float32 = base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32
+        if all_float32 and cfg.b_init == "lstsq" and cfg.basis != "kaiming":
+            # The common case without temporaries: B = W A^T / s written straight into
+            # lora_B (A's rows are orthonormal), then W -= s B A in place.
+            lora_a.copy_(build_a(base.weight, lora_a.shape[0], cfg, where))
+            torch.mm(base.weight, lora_a.T, out=lora_b).mul_(1.0 / scale)
+            if cfg.residual:
+                base.weight.addmm_(lora_b, lora_a, alpha=-scale)
+        else:
+            a, b = sparlora_factors(base.weight, lora_a.shape[0], scale, cfg, where)
+            lora_a.copy_(a.to(lora_a.dtype))
+            lora_b.copy_(b.to(lora_b.dtype))
+            if cfg.residual:
+                base.weight.copy_(residualize(base.weight, a, b, scale))
         count += 1
     if count == 0:
         raise ValueError(f"no LoRA layer carries adapter {adapter_name!r}")

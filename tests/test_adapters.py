@@ -214,3 +214,19 @@ def test_library_imports_without_funasr():
 def test_adalora_needs_a_scoring_step():
     with pytest.raises(ValueError, match="importance-scoring step"):
         apply_method(TwoLayer(), dict(type="adalora", rank=2, alpha=4, target_modules=["encoder.0"]), total_steps=1)
+
+
+def test_fast_path_matches_factors():
+    from peft import LoraConfig, get_peft_model
+
+    from sparlora.init import sparlora_factors
+
+    model = TwoLayer()
+    original = model.encoder[0].weight.detach().clone()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["encoder.0"]))
+    apply_sparlora(peft_model, SparloraConfig())
+    layer = peft_model.base_model.model.encoder[0]
+    a, b = sparlora_factors(original, 4, 2.0, SparloraConfig())
+    assert torch.allclose(layer.lora_A["default"].weight, a, atol=1e-6)
+    assert torch.allclose(layer.lora_B["default"].weight, b, atol=1e-6)
+    assert torch.allclose(layer.base_layer.weight, original - 2.0 * b @ a, atol=1e-6)
