@@ -46,8 +46,8 @@ class TrainOptions:
     max_frames_per_batch: int = 6000  # padded 10 ms fbank frames per batch
     seed: int = 1234
     log_interval: int = 10  # optimizer steps
-    max_minutes: float = 0.0  # stop after this much training time; 0: no limit
-    max_steps: int = 0  # stop after this many optimizer steps (a checkpoint is written); 0: no limit
+    max_minutes: float = 0.0  # stop after this much training time, counted across resumptions; 0: no limit
+    max_steps: int = 0  # stop after this many optimizer steps in all (a checkpoint is written); 0: no limit
     checkpoint_interval: int = 0  # optimizer steps between mid-epoch checkpoints; 0: only at epoch ends
     resume: bool = True  # go on from <exp_dir>/checkpoints/last.pt when it exists
 
@@ -274,7 +274,8 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
 
     history = position["history"]
     step = position["step"]
-    started = time.perf_counter()
+    # Training minutes count across resumptions: the clock starts where the checkpoint left it.
+    started = time.perf_counter() - 60 * position.get("minutes", 0.0)
     stop_reason = ""
     for epoch in range(position["epoch"], opts.epochs + 1):
         model.train()
@@ -289,6 +290,9 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
         for batch_number in range(first_batch, len(batches) + 1):
             if opts.max_steps > 0 and step >= opts.max_steps:
                 stop_reason = f"train.max_steps={opts.max_steps} reached"
+            elif opts.max_minutes > 0 and time.perf_counter() - started > opts.max_minutes * 60:
+                stop_reason = f"train.max_minutes={opts.max_minutes} reached"
+            if stop_reason:
                 batch_number -= 1
                 break
             batch_start = time.perf_counter()
@@ -341,7 +345,8 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
             if (interval_due or stop_reason) and batch_number < len(batches):
                 save_checkpoint(last_path, model, optimizer, {
                     "step": step, "epoch": epoch, "batches_done": batch_number, "epoch_loss": epoch_loss,
-                    "epoch_weight": epoch_weight, "skipped": skipped, "history": history}, frozen_digest, hooks)
+                    "epoch_weight": epoch_weight, "skipped": skipped, "history": history,
+                    "minutes": (time.perf_counter() - started) / 60}, frozen_digest, hooks)
             if stop_reason:
                 break
         bar.close()
@@ -359,7 +364,8 @@ def train_model(model, train_set: AsrDataset, dev_set: AsrDataset | None, opts: 
         history.append(record)
         logger.info("epoch %d done: %s", epoch, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         end_position = {"step": step, "epoch": epoch + 1, "batches_done": 0, "epoch_loss": 0.0,
-                        "epoch_weight": 0.0, "skipped": 0, "history": history}
+                        "epoch_weight": 0.0, "skipped": 0, "history": history,
+                        "minutes": (time.perf_counter() - started) / 60}
         save_checkpoint(last_path, model, optimizer, end_position, frozen_digest, hooks)
         shutil.copyfile(last_path, out_dir / "checkpoints" / f"epoch_{epoch}.pt")
         if stop_reason:

@@ -165,3 +165,29 @@ def test_invalid_train_options_rejected():
         TrainOptions(accum_grad=0)
     with pytest.raises(ValueError, match="lr_min"):
         TrainOptions(lr_max=1e-4, lr_min=1e-3)
+
+
+def test_minutes_continue_after_resume(tiny_model_dir, wav_entries, tmp_path):
+    import torch as torch_module
+
+    run_training(tiny_model_dir, wav_entries, tmp_path / "e", LORA, max_steps=3)
+    state = torch_module.load(tmp_path / "e" / "checkpoints" / "last.pt", weights_only=False)
+    state["position"]["minutes"] = 30.0  # as if the first run had trained for half an hour
+    torch_module.save(state, tmp_path / "e" / "checkpoints" / "last.pt")
+    seed_everything(0)
+    model, kwargs = load_paraformer(tiny_model_dir)
+    dataset = AsrDataset(wav_entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
+    opts = TrainOptions(epochs=2, lr_max=1e-3, lr_min=1e-5, warmup_steps=3, max_frames_per_batch=300, seed=7, log_interval=100)
+    history = train_model(apply_method(model, LORA), dataset, None, opts, tmp_path / "e", kwargs["tokenizer"], kwargs["frontend"])
+    assert history[-1]["minutes"] >= 30.0
+
+
+def test_max_minutes_counts_across_resume(tiny_model_dir, wav_entries, tmp_path):
+    import torch as torch_module
+
+    run_training(tiny_model_dir, wav_entries, tmp_path / "f", LORA, max_steps=3)
+    state = torch_module.load(tmp_path / "f" / "checkpoints" / "last.pt", weights_only=False)
+    state["position"]["minutes"] = 30.0
+    torch_module.save(state, tmp_path / "f" / "checkpoints" / "last.pt")
+    _, steps = run_training(tiny_model_dir, wav_entries, tmp_path / "f", LORA, max_minutes=10)
+    assert steps == []
