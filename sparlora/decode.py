@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sparlora.data import AsrDataset, collate, read_manifest
+from sparlora.data import FRAME_SHIFT_SECONDS, AsrDataset, collate, read_manifest
 from sparlora.kaldi_io import write_table
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def decode_manifest(model, kwargs: dict, manifest: Path, out_dir: Path, batch_si
     """Decode one manifest into `out_dir/hyp` and `out_dir/ref`; return timing figures."""
     entries = read_manifest(manifest)
     dataset = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], sample_rate, channel, cache=False)
-    audio_seconds = sum(entry.source_len for entry in entries) * 0.01
+    audio_seconds = sum(entry.source_len for entry in entries) * FRAME_SHIFT_SECONDS
 
     start = time.perf_counter()
     hyps = decode_dataset(model, dataset, kwargs["tokenizer"], kwargs["frontend"], batch_size, device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sparlora.data import ManifestEntry, num_fbank_frames, write_manifest
+from sparlora.data import FRAME_SHIFT_SECONDS, ManifestEntry, num_fbank_frames, write_manifest
 from sparlora.kaldi_io import read_token_list
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         if not entries:
             raise ValueError(f"{split_dir} has no utterances; rerun stages 0 and 1")
         write_manifest(split_dir / "data.jsonl", entries)
-        hours = sum(e.source_len for e in entries) * 0.01 / 3600
+        hours = sum(e.source_len for e in entries) * FRAME_SHIFT_SECONDS / 3600
         logger.info("%s: %d utterances, %.2f hours, %d characters outside tokens.json (mapped to <unk>)",
                     split, len(entries), hours, unknown)
     return 0

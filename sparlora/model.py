@@ -2,8 +2,7 @@
 
 A model directory contains `config.yaml` (FunASR's model config), `model.pt` (the
 state dict), `am.mvn` (global CMVN of the LFR features, Kaldi nnet text format),
-`tokens.json` (the token list) and `configuration.json` (which tells FunASR which file
-is which). Paraformer-large on ModelScope,
+`tokens.json` (the token list) and `configuration.json` (the role of each file for FunASR). Paraformer-large on ModelScope,
 `iic/speech_paraformer-large_asr_nat-zh-cn-16k-common-vocab8404-pytorch`, and the demo
 base model in `local/demo/base_model` share this layout and load through the same
 code: `locate_pretrained` resolves a ModelScope id (downloading it) or a local

@@ -425,7 +425,7 @@ def main(argv=None) -> int:
         logger.info("adapter for the original base model written to %s", exp_dir / "adapter")
 
     if not history or history[-1]["epoch"] < opts.epochs:
-        logger.warning("training stopped before epoch %d ended; final_model holds the weights so far", opts.epochs)
+        logger.warning("training stopped before epoch %d ended; final_model contains the weights so far", opts.epochs)
     final_dir = save_model_dir(merged_state_dict(model), model_dir, exp_dir / "final_model")
     logger.info("merged model written to %s", final_dir)
     if history and "dev_cer" in history[-1]:

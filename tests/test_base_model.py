@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparlora.kaldi_io import read_table, read_token_list
+from sparlora.kaldi_io import read_token_list
 from sparlora.model import MODEL_FILES, load_paraformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,16 +59,15 @@ def test_parameter_count(info):
 
 
 def test_mandarin_test_cer_reproduces(info, tmp_path):
-    from sparlora.data import AsrDataset, ManifestEntry, num_fbank_frames
-    from sparlora.audio import audio_info
+    from train_base import kaldi_entries
+
+    from sparlora.data import AsrDataset
     from sparlora.decode import decode_dataset
     from sparlora.score import cer_counts
     from sparlora.text import TextNormConfig
 
     assert make_corpus.main(["--out-dir", str(tmp_path), "--sets", "cmn_test"]) == 0
-    wavs = dict(read_table(tmp_path / "cmn_test" / "wav.scp"))
-    entries = [ManifestEntry(key, wavs[key], text, num_fbank_frames(audio_info(wavs[key]).duration), len(text))
-               for key, text in read_table(tmp_path / "cmn_test" / "text")]
+    entries = kaldi_entries(tmp_path / "cmn_test")
     model, kwargs = load_paraformer(BASE)
     dataset = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
     hyps = decode_dataset(model, dataset, kwargs["tokenizer"], kwargs["frontend"], batch_size=32, device="cpu", progress=False)

@@ -8,8 +8,9 @@ at every character that is not a CJK ideograph. The recipe keeps the segments of
 out to the sets, so no sentence appears in two sets.
 
 Speech: espeak-ng 1.51's `cmn` voice misreads Chinese characters, so each sentence is
-converted to numbered pinyin (pypinyin) and spoken by the `cmn-latn-pinyin` voice with
-one of 12 voice variants, a speed of 140-195 words per minute and a pitch of 30-70.
+converted to numbered pinyin (pypinyin) and spoken by the `cmn-latn-pinyin` voice. Each
+utterance gets one of 12 voice variants, a speed of 140-195 words per minute and a pitch
+of 30-70.
 The Sichuanese-like sets rewrite the pinyin with Southwestern Mandarin traits first:
 zh ch sh -> z c s, initial n -> l, -ing -> -in, -eng -> -en, and the tones remapped for
 the Chengdu contours (55, 21, 53, 213) as heard through Mandarin tone shapes:
@@ -177,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default="cmn_test,sc_train,sc_dev,sc_test", help="comma-separated sets to synthesize")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the sentence order and voice choices")
     parser.add_argument("--vocab-size", type=int, default=800, help="number of most frequent characters kept")
-    parser.add_argument("--min-chars", type=int, default=4, help="shortest sentence, in characters")
-    parser.add_argument("--max-chars", type=int, default=10, help="longest sentence, in characters")
+    parser.add_argument("--min-chars", type=int, default=4, help="minimum sentence length, in characters")
+    parser.add_argument("--max-chars", type=int, default=10, help="maximum sentence length, in characters")
     parser.add_argument("--max-utts", type=int, default=0, help="cap on utterances per set (0: the set's full size), for quick tests")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel espeak-ng processes")
     parser.add_argument("--fortune-file", type=Path, default=FORTUNE_FILE, help="fortunes-zh text file")
