@@ -198,6 +198,19 @@ def lora_layers(model: nn.Module, adapter_name: str):
             yield name, module
 
 
+def _materialize(linear: nn.Linear, device: torch.device) -> torch.Tensor:
+    """Give a LoRA factor created on the meta device real (uninitialized) storage on `device`.
+
+    PEFT builds the factors on the meta device with `low_cpu_mem_usage=True`, which skips
+    the random draws that SPaRLoRA would overwrite anyway. Returns the weight tensor.
+    """
+    weight = linear.weight
+    if weight.device.type == "meta":
+        linear.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device=device),
+                                     requires_grad=weight.requires_grad)
+    return linear.weight
+
+
 @torch.no_grad()
 def apply_sparlora(model: nn.Module, cfg: SparloraConfig, adapter_name: str = "default") -> int:
     """Overwrite the LoRA factors of every layer carrying `adapter_name` with SPaRLoRA's.
@@ -217,8 +230,8 @@ def apply_sparlora(model: nn.Module, cfg: SparloraConfig, adapter_name: str = "d
         base = layer.get_base_layer()
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{name}: SPaRLoRA needs a Linear base layer, found {type(base).__name__} with weight shape {tuple(base.weight.shape)}")
-        lora_a = layer.lora_A[adapter_name].weight
-        lora_b = layer.lora_B[adapter_name].weight
+        lora_a = _materialize(layer.lora_A[adapter_name], base.weight.device)
+        lora_b = _materialize(layer.lora_B[adapter_name], base.weight.device)
         scale = layer.scaling[adapter_name]
         where = f"{name} (Linear {base.in_features}->{base.out_features})"
         all_float32 = base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32
@@ -267,8 +280,10 @@ def apply_method(model: nn.Module, method: Mapping[str, Any], total_steps: int |
     from peft import get_peft_model
 
     targets = resolve_targets(model, method.get("target_modules") or "paraformer")
-    peft_model = get_peft_model(model, lora_config(method, targets))
-    if method.get("init") == "sparlora":
+    sparlora_init = method.get("init") == "sparlora"
+    # SPaRLoRA overwrites both factors, so PEFT need not draw random ones first.
+    peft_model = get_peft_model(model, lora_config(method, targets), low_cpu_mem_usage=sparlora_init)
+    if sparlora_init:
         sparlora_cfg = SparloraConfig(**dict(method.get("sparlora") or {}))
         layers = apply_sparlora(peft_model, sparlora_cfg)
         logger.info("SPaRLoRA initialized %d layers (basis %s, select %s, b_init %s, residual %s)",

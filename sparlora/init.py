@@ -102,16 +102,13 @@ def select_frequencies(weight: torch.Tensor, count: int, select: str) -> tuple[i
 
 @functools.lru_cache(maxsize=256)
 def _dft_rows_cached(size: int, frequencies: tuple[int, ...], phase: bool, dtype: torch.dtype, device: str) -> torch.Tensor:
-    position = torch.arange(size, dtype=torch.float64)
-    rows = []
-    for frequency in frequencies:
-        angle = 2.0 * math.pi * frequency * position / size
-        rows.append(torch.cos(angle))
-        if phase:
-            rows.append(-torch.sin(angle))
-    basis = torch.stack(rows)
-    basis = basis / basis.norm(dim=1, keepdim=True)
-    return basis.to(dtype=dtype, device=device)
+    position = torch.arange(size, dtype=torch.int64)
+    # (f * j) mod size keeps the angle in [0, 2 pi) exactly before the float conversion.
+    cycles = torch.outer(torch.tensor(frequencies, dtype=torch.int64), position).remainder_(size)
+    angle = cycles.to(torch.float64).mul_(2.0 * math.pi / size)
+    rows = torch.stack((torch.cos(angle), -torch.sin(angle)), dim=1).reshape(-1, size) if phase else torch.cos(angle)
+    rows = rows / rows.norm(dim=1, keepdim=True)
+    return rows.to(dtype=dtype, device=device)
 
 
 def dft_rows(size: int, frequencies: tuple[int, ...], phase: bool = True, dtype=torch.float32, device="cpu") -> torch.Tensor:

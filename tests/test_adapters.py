@@ -230,3 +230,28 @@ def test_fast_path_matches_factors():
     assert torch.allclose(layer.lora_A["default"].weight, a, atol=1e-6)
     assert torch.allclose(layer.lora_B["default"].weight, b, atol=1e-6)
     assert torch.allclose(layer.base_layer.weight, original - 2.0 * b @ a, atol=1e-6)
+
+
+def test_empty_peft_factors_are_filled():
+    """With low_cpu_mem_usage=True PEFT leaves the factors on the meta device; SPaRLoRA fills them."""
+    from peft import LoraConfig, get_peft_model
+
+    model = TwoLayer()
+    x = torch.randn(3, 17)
+    before = model(x)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["encoder.0", "encoder.2"]),
+                                low_cpu_mem_usage=True)
+    assert peft_model.base_model.model.encoder[0].lora_A["default"].weight.device.type == "meta"
+    assert apply_sparlora(peft_model, SparloraConfig()) == 2
+    assert not [name for name, p in peft_model.named_parameters() if p.device.type == "meta"]
+    trainable = sorted(name for name, p in peft_model.named_parameters() if p.requires_grad)
+    assert len(trainable) == 4 and all(".lora_" in name for name in trainable)
+    assert (peft_model(x) - before).abs().max().item() <= 1e-5
+
+
+def test_apply_method_leaves_no_meta_tensor(tiny_model_dir):
+    model = apply_method(fresh_paraformer(tiny_model_dir), SPARLORA)
+    assert not [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == \
+        {id(p) for n, p in model.named_parameters() if "lora_" in n}

@@ -32,14 +32,17 @@ def test_dft_rows_orthonormal(size):
     assert torch.allclose(rows @ rows.T, torch.eye(2 * count, dtype=torch.float64), atol=1e-5)
 
 
-def test_dft_rows_are_cos_and_minus_sin():
-    size, frequency = 16, 3
-    rows = dft_rows(size, (frequency,))
+@pytest.mark.parametrize("size", [16, 17, 512])
+def test_dft_rows_are_cos_and_minus_sin(size):
+    frequencies = (1, 3, 7)
+    rows = dft_rows(size, frequencies)
+    assert rows.shape == (6, size)
     j = torch.arange(size, dtype=torch.float64)
-    cos = torch.cos(2 * math.pi * frequency * j / size)
-    sin = -torch.sin(2 * math.pi * frequency * j / size)
-    assert torch.allclose(rows[0].double(), cos / cos.norm(), atol=1e-6)
-    assert torch.allclose(rows[1].double(), sin / sin.norm(), atol=1e-6)
+    for index, frequency in enumerate(frequencies):
+        cos = torch.cos(2 * math.pi * frequency * j / size)
+        sin = -torch.sin(2 * math.pi * frequency * j / size)
+        assert torch.allclose(rows[2 * index].double(), cos / cos.norm(), atol=1e-6)
+        assert torch.allclose(rows[2 * index + 1].double(), sin / sin.norm(), atol=1e-6)
 
 
 def test_available_frequencies_skip_dc_and_nyquist():
