@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sparlora.data import FRAME_SHIFT_SECONDS, ManifestEntry, num_fbank_frames, write_manifest
 from sparlora.kaldi_io import read_token_list
+from sparlora.splits import prepared_split_names
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     model_dir = locate_pretrained(str(cfg.model.name_or_path), str(cfg.model.revision), Path(cfg.model.dir))
     vocabulary = set(read_token_list(model_dir / "tokens.json"))
 
-    for split in cfg.corpus.splits:
+    for split in prepared_split_names(cfg):
         split_dir = Path(cfg.data_dir) / split
         entries, unknown = build_manifest(split_dir, vocabulary)
         if not entries:

@@ -2,6 +2,15 @@
 
 Usage: python -m sparlora.prepare --config conf/demo.yaml [overrides...]
 
+`corpus.layout` names the layout of `corpus.source_dir`. For "kaldi", each split is a
+Kaldi data dir, read as described below. For the other layouts (magicdata, kespeech,
+aishell, jsonl) an importer in the recipe's local/ folder first writes each split as a
+Kaldi data dir under `<data_dir>/local/<split>/` (see `sparlora.corpus`), and the input
+lines it left out appear in the split's report: lines that the corpus or the config
+means to leave out (event-only lines, excluded speakers or subdialects, blank lines) as
+"skipped at import", and malformed ones (bad times, unknown files) as "dropped at
+import", which count towards max_drop_fraction like dropped utterances.
+
 Input, per split: a Kaldi data dir with
   wav.scp     <recording> <path or `cmd args |` pipe>
   text        <utterance> <transcript>
@@ -57,7 +66,7 @@ from sparlora.kaldi_io import atomic_write_text, read_table, write_table
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_LAYOUTS = ("kaldi",)
+SUPPORTED_LAYOUTS = ("kaldi", "magicdata", "kespeech", "aishell", "jsonl")
 REPORT_NAME = "prep_report.txt"
 # Files that stage 0 writes into a prepared dir. Those the input does not call for
 # (segments, spk2gender) are removed, so a rerun leaves no stale file behind.
@@ -106,9 +115,31 @@ class Problem:
         return f"{self.reason} ({self.detail})" if self.detail else self.reason
 
 
+@dataclass(frozen=True)
+class SkippedLine:
+    """An input line that a corpus importer left out of the staging dir, and why.
+
+    `expected` marks lines that the corpus or the config means to leave out (event-only
+    lines, excluded speakers or subdialects, blank lines). The report lists them apart
+    from drops, and they do not count towards max_drop_fraction.
+    """
+
+    location: str  # "<file>:<line number>", or a file path for a whole file
+    reason: str
+    detail: str = ""
+    expected: bool = False
+
+    def describe(self) -> str:
+        return f"{self.reason} ({self.detail})" if self.detail else self.reason
+
+
 @dataclass
 class PrepReport:
-    """Outcome of preparing one split."""
+    """Outcome of preparing one split.
+
+    `imported` is True when a corpus importer wrote the source dir. Lines it dropped
+    count as dropped utterances of the split, and lines it skipped as expected do not.
+    """
 
     split: str
     source_dir: Path
@@ -118,21 +149,37 @@ class PrepReport:
     dropped: list[Problem] = field(default_factory=list)
     clipped: list[Problem] = field(default_factory=list)
     recordings: dict[str, AudioInfo] = field(default_factory=dict)
+    imported: bool = False
+    dropped_at_import: list[SkippedLine] = field(default_factory=list)
+    skipped_at_import: list[SkippedLine] = field(default_factory=list)
 
     @property
     def dropped_by_reason(self) -> dict[str, int]:
         return dict(sorted(Counter(problem.reason for problem in self.dropped).items()))
 
     @property
+    def total_dropped(self) -> int:
+        """Dropped utterances plus input lines dropped at import."""
+        return len(self.dropped) + len(self.dropped_at_import)
+
+    @property
+    def total_input(self) -> int:
+        """Utterances of the source dir plus input lines dropped at import."""
+        return self.input_utterances + len(self.dropped_at_import)
+
+    @property
     def drop_fraction(self) -> float:
-        return len(self.dropped) / self.input_utterances if self.input_utterances else 0.0
+        return self.total_dropped / self.total_input if self.total_input else 0.0
 
     def summary(self) -> str:
         """Return one line with the split's counts."""
         reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped_by_reason.items())
+        imported = ""
+        if self.imported:
+            imported = f", {len(self.dropped_at_import)} dropped and {len(self.skipped_at_import)} skipped at import"
         return (
             f"split {self.split}: {self.kept} of {self.input_utterances} utterances kept, "
-            f"{len(self.dropped)} dropped{f' ({reasons})' if reasons else ''}, {len(self.clipped)} clipped; "
+            f"{len(self.dropped)} dropped{f' ({reasons})' if reasons else ''}, {len(self.clipped)} clipped{imported}; "
             f"report: {self.report_path}"
         )
 
@@ -146,8 +193,15 @@ class PrepReport:
             f"dropped: {len(self.dropped)}",
             f"clipped: {len(self.clipped)}",
         ]
+        if self.imported:
+            lines += [f"dropped at import: {len(self.dropped_at_import)}", f"skipped at import: {len(self.skipped_at_import)}"]
         lines += [f"dropped because {reason}: {count}" for reason, count in self.dropped_by_reason.items()]
+        for kind, skipped in (("dropped", self.dropped_at_import), ("skipped", self.skipped_at_import)):
+            counts = sorted(Counter(skip.reason for skip in skipped).items())
+            lines += [f"{kind} at import because {reason}: {count}" for reason, count in counts]
         lines += [f"dropped {problem.utterance}: {problem.describe()}" for problem in self.dropped]
+        lines += [f"dropped at import {skip.location}: {skip.describe()}" for skip in self.dropped_at_import]
+        lines += [f"skipped at import {skip.location}: {skip.describe()}" for skip in self.skipped_at_import]
         lines += [f"clipped {problem.utterance}: {problem.detail}" for problem in self.clipped]
         for recording, info in sorted(self.recordings.items()):
             lines.append(
@@ -459,7 +513,13 @@ def _write_outputs(
     _remove_unless(dst, "spk2gender", spk2gender is not None)
 
 
-def prepare_kaldi_dir(src: Path, dst: Path, audio_cfg: Any, max_drop_fraction: float) -> PrepReport:
+def prepare_kaldi_dir(
+    src: Path,
+    dst: Path,
+    audio_cfg: Any,
+    max_drop_fraction: float,
+    skipped_at_import: Sequence[SkippedLine] | None = None,
+) -> PrepReport:
     """Check the Kaldi data dir `src` and write the prepared data dir `dst` (see the module doc).
 
     `audio_cfg` is the `audio` config section (segment_end_tolerance, min_duration,
@@ -468,6 +528,10 @@ def prepare_kaldi_dir(src: Path, dst: Path, audio_cfg: Any, max_drop_fraction: f
     utterance is kept, or when the dropped share exceeds `max_drop_fraction`. Each failure
     removes the split's earlier outputs and writes prep_report.txt with the reason, so no
     stale data is left for later stages.
+
+    `skipped_at_import` lists the input lines that a corpus importer left out when it
+    wrote `src`. They go into the report, and those not marked expected count as
+    dropped utterances towards `max_drop_fraction`.
     """
     src, dst = Path(src), Path(dst)
     split = dst.name
@@ -475,6 +539,10 @@ def prepare_kaldi_dir(src: Path, dst: Path, audio_cfg: Any, max_drop_fraction: f
         raise ValueError(f"invalid max_drop_fraction {max_drop_fraction}: expected a number in [0, 1]")
     _check_paths(src, dst)
     report = PrepReport(split=split, source_dir=src, report_path=dst / REPORT_NAME)
+    if skipped_at_import is not None:
+        report.imported = True
+        report.dropped_at_import = [skip for skip in skipped_at_import if not skip.expected]
+        report.skipped_at_import = [skip for skip in skipped_at_import if skip.expected]
 
     try:
         wav = dict(read_table(src / "wav.scp"))
@@ -499,11 +567,16 @@ def prepare_kaldi_dir(src: Path, dst: Path, audio_cfg: Any, max_drop_fraction: f
 
     dst.mkdir(parents=True, exist_ok=True)
     failure = None
+    at_import = f", {len(report.dropped_at_import)} of them at import" if report.dropped_at_import else ""
     if report.kept == 0:
-        failure = f"split {split}: none of the {report.input_utterances} utterances was kept; see {report.report_path}"
+        dropped_at_import = f" ({len(report.dropped_at_import)} dropped at import)" if report.dropped_at_import else ""
+        failure = (
+            f"split {split}: none of the {report.total_input} utterances was kept{dropped_at_import}; "
+            f"see {report.report_path}"
+        )
     elif report.drop_fraction > float(max_drop_fraction):
         failure = (
-            f"split {split}: {len(report.dropped)} of {report.input_utterances} utterances were dropped "
+            f"split {split}: {report.total_dropped} of {report.total_input} utterances were dropped{at_import} "
             f"({report.drop_fraction:.1%}), more than max_drop_fraction {float(max_drop_fraction):g}; "
             f"see {report.report_path}, then fix the data or raise audio.max_drop_fraction"
         )
@@ -526,15 +599,20 @@ def _remove_outputs(dst: Path) -> None:
 
 def _log_problems(split: str, report: PrepReport) -> None:
     """Log the first dropped and clipped utterances as warnings; the report lists them all."""
-    for kind, problems in (("dropped", report.dropped), ("clipped", report.clipped)):
-        for problem in problems[:MAX_LOGGED_PROBLEMS]:
-            logger.warning("split %s: %s %s: %s", split, kind, problem.utterance, problem.describe())
+    problems_by_kind = [
+        ("dropped", "dropped utterances", [(problem.utterance, problem.describe()) for problem in report.dropped]),
+        ("dropped at import", "input lines dropped at import", [(skip.location, skip.describe()) for skip in report.dropped_at_import]),
+        ("clipped", "clipped utterances", [(problem.utterance, problem.describe()) for problem in report.clipped]),
+    ]
+    for kind, plural, problems in problems_by_kind:
+        for name, description in problems[:MAX_LOGGED_PROBLEMS]:
+            logger.warning("split %s: %s %s: %s", split, kind, name, description)
         if len(problems) > MAX_LOGGED_PROBLEMS:
             logger.warning(
-                "split %s: %d more %s utterances are listed in %s",
+                "split %s: %d more %s are listed in %s",
                 split,
                 len(problems) - MAX_LOGGED_PROBLEMS,
-                kind,
+                plural,
                 report.report_path,
             )
 
@@ -582,22 +660,51 @@ def read_data_dir(data_dir: Path) -> list[Utterance]:
 
 
 def prepare_corpus(cfg: Any) -> list[PrepReport]:
-    """Prepare every split of `cfg.corpus.splits`, then raise DataPrepError if any failed."""
+    """Prepare every split of `cfg.corpus.splits`, then raise DataPrepError if any failed.
+
+    The "kaldi" layout reads each split from `<source_dir>/<subfolder>`. Every other
+    layout runs its importer from the recipe's local/ folder first (see `sparlora.corpus`).
+    """
     layout = cfg.corpus.layout
     if layout not in SUPPORTED_LAYOUTS:
-        raise DataPrepError(f"unsupported corpus.layout {layout!r}: supported layouts are {', '.join(SUPPORTED_LAYOUTS)}")
-    source_dir = Path(cfg.corpus.source_dir)
-    if not source_dir.is_dir():
         raise DataPrepError(
-            f"corpus source dir {source_dir} not found: put one Kaldi data dir per split there "
-            f"(subfolders {', '.join(cfg.corpus.splits.values())}, each with wav.scp, text and optionally "
-            "utt2spk and segments). For the demo corpus run `bash run.sh --stage 0`, which creates it."
+            f"unsupported corpus.layout {layout!r}: supported layouts are {', '.join(SUPPORTED_LAYOUTS)}; "
+            "the README section 'Bring your own corpus' describes each"
         )
+    source_dir = Path(cfg.corpus.source_dir)
+    data_dir = Path(cfg.data_dir)
+    if layout == "kaldi":
+        if not source_dir.is_dir():
+            raise DataPrepError(
+                f"corpus source dir {source_dir} not found: put one Kaldi data dir per split there "
+                f"(subfolders {', '.join(cfg.corpus.splits.values())}, each with wav.scp, text and optionally "
+                "utt2spk and segments). For the demo corpus run `bash run.sh --stage 0`, which creates it."
+            )
+
+        def prepare_split(split: str, subdir: Any) -> PrepReport:
+            return prepare_kaldi_dir(source_dir / subdir, data_dir / split, cfg.audio, cfg.audio.max_drop_fraction)
+
+    else:
+        from sparlora.corpus import ImportOptions, check_output_dirs, load_importer, prepare_imported_split
+
+        importer = load_importer(layout)
+        options = ImportOptions.from_config(cfg.corpus)
+        if not source_dir.is_dir():
+            raise DataPrepError(
+                f"corpus source dir {source_dir} not found: set corpus.source_dir to the root of a corpus in "
+                f"{importer.DESCRIPTION}"
+            )
+        check_output_dirs(source_dir, data_dir, [str(split) for split in cfg.corpus.splits])
+
+        def prepare_split(split: str, spec: Any) -> PrepReport:
+            return prepare_imported_split(
+                importer, source_dir, spec, options, data_dir, split, cfg.audio, cfg.audio.max_drop_fraction
+            )
 
     reports, failures = [], []
-    for split, subdir in cfg.corpus.splits.items():
+    for split, spec in cfg.corpus.splits.items():
         try:
-            report = prepare_kaldi_dir(source_dir / subdir, Path(cfg.data_dir) / split, cfg.audio, cfg.audio.max_drop_fraction)
+            report = prepare_split(str(split), spec)
         except DataPrepError as error:
             logger.error("%s", error)
             failures.append(str(error))

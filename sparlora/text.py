@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sparlora.kaldi_io import atomic_write_text, read_table, read_token_list, write_table
+from sparlora.splits import prepared_split_names
 
 logger = logging.getLogger(__name__)
 
@@ -642,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         token_list = read_token_list(token_path)
         logger.info("checking out-of-vocabulary characters against %s (%d tokens)", token_path, len(token_list))
 
-    for split in cfg.corpus.splits:
+    for split in prepared_split_names(cfg):
         data_dir = Path(cfg.data_dir) / split
         summary = normalize_data_dir(data_dir, norm_cfg, token_list)
         oov = (
