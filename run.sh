@@ -87,6 +87,18 @@ stage0() {
     touch "$source_dir/.complete"
   fi
   python -m sparlora.prepare --config "$config" "${overrides[@]}"
+  # Speaker-disjoint splits and duration subsets (corpus.speaker_split, corpus.subsets).
+  python -m sparlora.splits --config "$config" "${overrides[@]}"
+  # Noisy copies of test sets (noise.test); the noise set is made first when it has a make_cmd.
+  local noise_dir noise_make_cmd
+  noise_dir=$(cfg noise.dir)
+  noise_make_cmd=$(cfg noise.make_cmd)
+  if [ "$noise_make_cmd" != None ] && [ ! -e "$noise_dir/.complete" ]; then
+    log "creating the noise set in $noise_dir: $noise_make_cmd"
+    bash -c "$noise_make_cmd"
+    touch "$noise_dir/.complete"
+  fi
+  python -m sparlora.noise --config "$config" "${overrides[@]}"
 }
 
 run_stage 0 "data preparation" stage0
