@@ -11,7 +11,10 @@
 3. Traditional to simplified Chinese with OpenCC `t2s` (`一零六點二` becomes `一零六点二`).
    It runs before the numeral step so that `點` is read as the decimal point.
 4. Case folding (`str.casefold`), which affects Latin and other cased letters only.
-5. Removal of invisible characters: controls (Cc) other than whitespace, format
+5. Removal of invisible characters: terminal escape sequences as a whole (ECMA-48
+   control sequences such as the colour codes `ESC[33m` that fortunes-zh carries, and
+   operating system commands `ESC]...BEL`), so that no `33m` is left behind; then
+   controls (Cc) other than whitespace, format
    characters (Cf: zero-width space and joiners, U+2060, BOM U+FEFF, soft hyphen U+00AD,
    bidi marks) and variation selectors. Line and paragraph separators (Zl, Zp) become a
    space, like the tab and newline that are kept as whitespace.
@@ -140,7 +143,15 @@ def _opencc_t2s():
     return opencc.OpenCC("t2s")
 
 
+# ECMA-48 escape sequences: CSI (ESC [, parameter and intermediate bytes, a final byte),
+# OSC (ESC ], text, ended by BEL or by ESC and a backslash) and ESC with one byte (ESC 7,
+# ESC M, ESC c). Case folding runs before this step, so the one-byte form admits a-z too.
+_ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[0-~]")
+
+
 def _remove_invisible(text: str) -> str:
+    if "\x1b" in text:
+        text = _ESCAPE_SEQUENCE.sub("", text)
     kept = []
     for char in text:
         category = unicodedata.category(char)
@@ -385,14 +396,19 @@ def _convert_run(run: str, before: str, after: str) -> str | None:
         return "10" if run == "十" else str(_DIGIT_VALUES[run])
 
     if not has_unit:
+        # Two numerals without a unit are a digit string only before a year-like word
+        # (九八年, 零五级). Elsewhere they are a repetition (一一, 三三两两) or two numbers that
+        # punctuation kept apart (生二，二生三), which a second pass would otherwise read as 22.
+        if len(run) == 2 and not after.startswith(("年", "级", "届")):
+            return None
         return _digit_string(run)
     value = _cardinal(run)
     return None if value is None else str(value)
 
 
 def _chinese_to_arabic(text: str) -> str:
-    # NOTE: punctuation between numerals is stripped only after this step, so 一、二 stays
-    # as two single numerals and comes out as 一二, which a second pass would read as 12.
+    # Punctuation between numerals is stripped only after this step, so 一、二 stays as two
+    # single numerals and comes out as 一二, which a second pass keeps (see _convert_run).
     # Word-segmented transcripts put spaces inside numbers (二 零 二 三 年, 百分之 五十).
     text = _SPACE_BETWEEN_CJK.sub("", text)
     shadow = _mask_protected_words(text)

@@ -458,3 +458,68 @@ def test_stage1_main(tmp_path):
     for split in ("train", "sc_test"):
         assert (tmp_path / "data" / split / "oov.txt").read_text(encoding="utf-8") == OOV_REPORT
         assert (tmp_path / "data" / split / "text.raw").is_file()
+
+
+# --- real text from Debian's fortunes-zh (the demo corpus's source)
+
+FORTUNES_ZH = "/usr/share/games/fortunes/chinese"
+
+# Lines of fortunes-zh as the file holds them (terminal colour codes, NBSP, English
+# words, digits, Chinese numerals), normalized with numerals="arabic".
+FORTUNE_CASES = [
+    ("\x1b[33m    -- Debian \x1b[32m《行为准则》\x1b[m第一条\x1b[m", "debian行为准则第一条"),
+    ("根据\x1b[32m《Debian 社会契约》\x1b[m，除非是讨论一些敏感话题，", "根据debian社会契约除非是讨论一些敏感话题"),
+    ("\x1b[37;1m2.\xa0什么是 Debian\x1b[;m", "2什么是debian"),
+    ("\x1b[33;1m\xa0\xa0\xa0   *\x1b[;m 大量预编译的高质量软件包", "大量预编译的高质量软件包"),
+    ("\x1b[37;1m2.1.5.\xa0Debian 是100% 的自由软件\x1b[;m", "2.1.5 debian是100%的自由软件"),
+    ("\x1b[33;1m      *\x1b[;m 20年：相变光盘存储（CD-RW）", "20年相变光盘存储cd rw"),
+    ("子曰：“三年无改于父之道，可谓孝矣。”", "子曰三年无改于父之道可谓孝矣"),
+    ("原思为之宰，与之粟九百，辞。子曰：“毋！以与尔邻里乡党乎！”", "原思为之宰与之粟900辞子曰毋以与尔邻里乡党乎"),
+    ("这些管理员的联系方式可以在“Debian 组织结构”[1] 页面下找到。", "这些管理员的联系方式可以在debian组织结构1页面下找到"),
+    ("道生一，一生二，二生三，三生万物。", "道生一一生二二生三三生万物"),
+]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("道生一一生二二生三三生万物", "道生一一生二二生三三生万物"),  # a hypothesis has no punctuation
+    ("三三两两", "三三两两"),
+    ("九八年毕业", "98年毕业"),
+    ("零五级的学生", "05级的学生"),
+    ("房间三零二", "房间302"),
+])
+def test_two_numerals_need_year_word(raw, expected):
+    assert normalize_text(raw, ARABIC) == expected
+
+
+@pytest.mark.parametrize("raw, expected", FORTUNE_CASES)
+def test_fortunes_zh_lines(raw, expected):
+    assert normalize_text(raw, ARABIC) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("a\x1b]0;title\x07b", "ab"),            # OSC ended by BEL
+    ("a\x1b]2;t\x1b\\b", "ab"),              # OSC ended by ESC backslash
+    ("a\x1bMb\x1b7c", "abc"),                # one-byte forms, M before case folding
+    ("红\x1b[1;31;40m色\x1b[0m", "红色"),     # CSI with several parameters
+])
+def test_escape_sequences_removed_whole(raw, expected):
+    assert normalize_text(raw, DEFAULT) == expected
+
+
+def test_fortunes_zh_whole_file():
+    """Every line of fortunes-zh: no control character or colour-code remnant is left, and a second pass changes nothing."""
+    from pathlib import Path
+
+    lines = Path(FORTUNES_ZH).read_text(encoding="utf-8").splitlines()
+    assert len(lines) > 30000
+    colored = [line for line in lines if "\x1b[" in line]
+    assert len(colored) > 5000
+    for line in lines:
+        once = normalize_text(line, ARABIC)
+        # Private-use characters (Co) stay: the OOV report of stage 1 lists them.
+        assert not [c for c in once if unicodedata.category(c) in ("Cc", "Cf")], line
+        assert normalize_text(once, ARABIC) == once, line
+    # A colour code leaves no "33m" or "32m" behind.
+    for line in colored[:2000]:
+        stripped = normalize_text(line.replace("\x1b[33m", "").replace("\x1b[32m", ""), ARABIC)
+        assert normalize_text(line, ARABIC) == normalize_text(stripped, ARABIC), line
