@@ -464,7 +464,7 @@ def test_stage1_main(tmp_path):
 
 FORTUNES_ZH = "/usr/share/games/fortunes/chinese"
 
-# Lines of fortunes-zh as the file holds them (terminal colour codes, NBSP, English
+# Lines of fortunes-zh as the file contains them (terminal colour codes, NBSP, English
 # words, digits, Chinese numerals), normalized with numerals="arabic".
 FORTUNE_CASES = [
     ("\x1b[33m    -- Debian \x1b[32m《行为准则》\x1b[m第一条\x1b[m", "debian行为准则第一条"),
