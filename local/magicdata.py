@@ -13,7 +13,7 @@ Times are in seconds. Transcripts are UTF-8, with or without a BOM.
 all of WAV/ and TXT/), or to a recording list, relative to `corpus.source_dir` and ending
 in .tsv, .txt, .lst or .list (MagicData-RAMC's `../DataPartition/train.tsv`). A list has
 one recording per line in its first field, with or without the .wav suffix and folders,
-and a first line that does not end in .wav is a header.
+and a first line that names no recording of WAV/ or TXT/ is a header, skipped and reported.
 
 Every TXT line becomes one utterance `<speaker>-<recording>-<start ms>-<end ms>`, with the
 times zero-padded to 8 digits, so ids sort by speaker, then recording, then start time,
@@ -68,10 +68,12 @@ INVALID_TIME = "invalid time field"
 NO_AUDIO_FILE = "no audio file"
 NO_TRANSCRIPT_FILE = "no transcript file"
 NOT_FOUND = "listed recording not found"
+HEADER_LINE = "header line"
 SKIPPED_NO_SPEAKER = "no speaker (corpus.no_speaker: skip)"
 
-# [<start>,<end>] in seconds: non-negative decimal numbers.
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+# [<start>,<end>] in seconds: non-negative decimal numbers in ASCII digits (Kaldi's
+# segments parser reads no other digits).
+_NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _TIME_FIELD = re.compile(rf"\[\s*{_NUMBER}\s*,\s*{_NUMBER}\s*\]")
 _GENDER_SEPARATOR = re.compile(r"[,，]")
 
@@ -89,8 +91,6 @@ def _read_recording_list(path: Path) -> list[tuple[int, str]]:
         name = Path(fields[0].replace("\\", "/")).name
         if name.lower().endswith(".wav"):
             name = name[: -len(".wav")]
-        elif number == 1:
-            continue  # a header line
         entries.append((number, name))
     return entries
 
@@ -110,6 +110,10 @@ def _recordings_of_split(source_dir: Path, spec: str, staged: StagedSplit):
         recordings = []
         for number, name in _read_recording_list(list_path):
             if name not in wavs and name not in txts:
+                if number == 1:
+                    # A first line that names no recording is the list's header.
+                    staged.skip(location(list_path, number), HEADER_LINE, f"{name!r} names no recording", expected=True)
+                    continue
                 staged.skip(location(list_path, number), NOT_FOUND, f"no {name}.wav under {wav_root} or {name}.txt under {txt_root}")
                 continue
             recordings.append((name, wavs.get(name), txts.get(name)))
@@ -151,18 +155,18 @@ def _import_transcript(
     txt_path: Path, recording: str, options: ImportOptions, staged: StagedSplit, genders: _Genders, first_line: dict[str, str]
 ) -> None:
     """Add the utterances of one TXT file to `staged`; `first_line` maps utterance ids to where they were first seen."""
-    for number, line in enumerate(read_lines(txt_path), start=1):
+    for number, line in enumerate(read_lines(txt_path, lone_cr_ends_line=True), start=1):
         where = location(txt_path, number)
         if not line.strip():
             staged.skip(where, BLANK_LINE, expected=True)
             continue
-        fields = line.split("\t")
-        if len(fields) < 4:
-            detail = f"expected [start,end], speaker, gender and text separated by tabs, got {len(fields)} field(s): {line.strip()!r}"
+        fields = line.rstrip("\t").split("\t")
+        if len(fields) != 4:
+            detail = f"expected [start,end], speaker, gender and text separated by 3 tabs, got {len(fields)} field(s): {line.strip()!r}"
             staged.skip(where, INVALID_LINE, detail)
             continue
         time_field, speaker, info_field = (value.strip() for value in fields[:3])
-        text = " ".join(fields[3:])
+        text = fields[3]
 
         match = _TIME_FIELD.fullmatch(time_field)
         if match is None:

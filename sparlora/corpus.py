@@ -66,10 +66,10 @@ BLANK_LINE = "blank line"
 NO_SPEECH = "no speech"
 DUPLICATE_UTTERANCE = "duplicate utterance id"
 
-# Event and noise tags: MagicData's [*] [+] [++] and bracketed upper-case words
-# ([LAUGHTER], [SONANT], [MUSIC], ...), and angle-bracketed upper-case words such as
-# KeSpeech's <SPOKEN_NOISE>.
-TAG = re.compile(r"\[(?:\*|\+\+?|[A-Z][A-Z_]*)\]|<[A-Z][A-Z_]*>")
+# Event and noise tags: MagicData's [*] [+] [++], bracketed words of two or more Latin
+# letters, digits or underscores in either case ([LAUGHTER], [laughter], [NOISE1]), and
+# angle-bracketed ones such as KeSpeech's <SPOKEN_NOISE> and <unk>.
+TAG = re.compile(r"\[(?:\*|\++|[A-Za-z][A-Za-z0-9_]+)\]|<[A-Za-z][A-Za-z0-9_]+>")
 # Kaldi tables separate the key from the value by ASCII spaces or tabs only.
 _TABLE_LINE = re.compile(r"([^ \t]+)(?:[ \t]+(.*))?")
 
@@ -209,17 +209,25 @@ def audio_source(value: str, source_dir: Path) -> str:
 def find_files(folder: Path, suffix: str) -> dict[str, Path]:
     """Map the stem of every file below `folder` whose name ends in `suffix` (any case) to its path.
 
-    Raises ValueError naming both files when two files share a stem, because the stem is
-    the recording or utterance id.
+    Files named `._*` (macOS metadata) are left out and counted in the log. Raises
+    ValueError naming both files when two files share a stem, because the stem is the
+    recording or utterance id.
     """
     found: dict[str, Path] = {}
+    apple_double = 0
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or not path.name.lower().endswith(suffix):
+            continue
+        if path.name.startswith("._"):
+            # macOS writes these resource-fork files beside every file it copies; they hold no audio or text.
+            apple_double += 1
             continue
         stem = path.name[: -len(suffix)]
         if stem in found:
             raise ValueError(f"two files with the id {stem!r}: {found[stem]} and {path}; rename or remove one")
         found[stem] = path
+    if apple_double:
+        logger.info("%s: left out %d macOS metadata files named ._*", folder, apple_double)
     return found
 
 

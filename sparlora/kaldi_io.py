@@ -41,21 +41,26 @@ def _decode_line(raw: bytes, path: Path, line_number: int) -> str:
     except UnicodeDecodeError as error:
         raise ValueError(
             f"{path}:{line_number}: invalid UTF-8 at byte {error.start} of the line; "
-            f"the file must be UTF-8. Convert it, e.g. with "
-            f"`iconv -f GBK -t UTF-8 {path} > {path}.utf8` (use the encoding it was saved in)"
+            f"the file must be UTF-8. Convert a copy outside the corpus, e.g. with "
+            f"`iconv -f GBK -t UTF-8 {path} > /tmp/{path.name}` (use the encoding it was saved in), "
+            "and point the config at the converted corpus"
         ) from None
 
 
-def read_lines(path: str | Path) -> list[str]:
+def read_lines(path: str | Path, lone_cr_ends_line: bool = False) -> list[str]:
     """Read a UTF-8 text file as lines without BOM, '\\n' or '\\r'.
 
-    Raises ValueError naming the file and line when a line is not valid UTF-8.
+    With `lone_cr_ends_line`, a '\\r' that no '\\n' follows also ends a line (files saved
+    with classic Mac line endings). Raises ValueError naming the file and line when a line
+    is not valid UTF-8.
     """
     path = Path(path)
     data = path.read_bytes()
     if data.startswith(_BOM):
         data = data[len(_BOM):]
 
+    if lone_cr_ends_line:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     chunks = data.split(b"\n")
     if chunks and chunks[-1] == b"":
         chunks.pop()

@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import unicodedata
 from collections import Counter
@@ -92,6 +93,7 @@ EMPTY_SEGMENT = "zero-length or reversed segment"
 START_PAST_END = "segment starts at or after recording end"
 END_PAST_END = "segment end past recording end"
 NOT_FOUND = "not found"
+LINE_BREAK = "line break in transcript"
 TOO_SHORT = "too short"
 TOO_LONG = "too long"
 CLIPPED = "clipped"  # not a drop reason: the utterance is kept
@@ -291,12 +293,19 @@ def _probe(source: str) -> AudioInfo | Problem:
         return Problem("", error.kind, f"{source}: {error.detail}" if error.detail else source)
 
 
+# Times in segments: decimal seconds in ASCII digits, as Kaldi reads them. float() would
+# also take "1_0", "2e0" and full-width digits, which Kaldi tools reject.
+_SECONDS = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
 def _parse_segment(utterance: str, value: str) -> _Candidate | Problem:
     """Parse `<recording> <start> <end>` and check the times that need no audio."""
     fields = value.split()
     if len(fields) != 3:
         return Problem(utterance, INVALID_SEGMENT, f"expected '<recording> <start> <end>', got {value!r}")
     recording, start_field, end_field = fields
+    if not (_SECONDS.fullmatch(start_field) and _SECONDS.fullmatch(end_field)):
+        return Problem(utterance, INVALID_SEGMENT, f"start or end is not a decimal number in ASCII digits: {value!r}")
     try:
         start, end = float(start_field), float(end_field)
     except ValueError:
@@ -408,6 +417,8 @@ def _check_without_audio(
         return Problem(utt, NO_TRANSCRIPT, "not in text")
     if not text[utt].strip():
         return Problem(utt, EMPTY_TRANSCRIPT)
+    if "\r" in text[utt]:
+        return Problem(utt, LINE_BREAK, "a carriage return (\\r) inside the transcript line; remove it or end the line there")
     if entry is None:
         return Problem(utt, NO_RECORDING, "not in segments" if has_segments else "not in wav.scp")
     if isinstance(entry, Problem):
@@ -680,6 +691,9 @@ def prepare_corpus(cfg: Any) -> list[PrepReport]:
                 f"(subfolders {', '.join(cfg.corpus.splits.values())}, each with wav.scp, text and optionally "
                 "utt2spk and segments). For the demo corpus run `bash run.sh --stage 0`, which creates it."
             )
+        from sparlora.corpus import check_outside_corpus
+
+        check_outside_corpus(source_dir, [data_dir / str(split) for split in cfg.corpus.splits])
 
         def prepare_split(split: str, subdir: Any) -> PrepReport:
             return prepare_kaldi_dir(source_dir / subdir, data_dir / split, cfg.audio, cfg.audio.max_drop_fraction)
@@ -728,5 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from sparlora.config import run_main
+
+    # Run the main of the imported module: the importers raise its DataPrepError, which
+    # this __main__ copy's `except DataPrepError` would not catch.
+    from sparlora.prepare import main
 
     sys.exit(run_main(main))

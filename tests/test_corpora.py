@@ -195,7 +195,7 @@ def test_magicdata_report_import_lines(magicdata_prepared, magicdata_corpus):
         f"dropped at import {txt / 'A0001.txt'}:5: zero-length or reversed segment (start 3.100 s, end 3.050 s)",
         f"dropped at import {txt / 'A0001.txt'}:6: invalid time field (expected [start,end] in seconds, got '[abc,3.5]')",
         f"dropped at import {txt / 'A0001.txt'}:9: invalid line (expected [start,end], speaker, gender and text "
-        "separated by tabs, got 2 field(s): '[0.5,1.0]\\tG00000141')",
+        "separated by 3 tabs, got 2 field(s): '[0.5,1.0]\\tG00000141')",
         f"dropped at import {wav / 'A0004.wav'}: no transcript file (no A0004.txt under TXT/)",
         f"dropped at import {txt / 'A0005.txt'}:1: no audio file (no A0005.wav under WAV/)",
     ]
@@ -601,3 +601,129 @@ def test_example_config_options_valid():
     for config in ("magicdata_sichuan", "kespeech_southwestern"):
         options = ImportOptions.from_config(load_config(REPO / "conf" / f"{config}.yaml").corpus)
         assert options.tags == "remove", config
+
+
+# --- faults found by feeding messy corpora to stage 0
+
+
+def test_magicdata_list_without_header(magicdata_corpus, tmp_path):
+    """A list whose first line is a recording keeps that recording."""
+    write_text(tmp_path / "lists" / "dev.lst", ["B0001"])
+    cfg = corpus_config(tmp_path, "magicdata", magicdata_corpus, {"dev": str(tmp_path / "lists" / "dev.lst")})
+    prepare_corpus(cfg)
+    assert read_lines(tmp_path / "data" / "dev" / "text") == ["G00000180-B0001-00000000-00001000 好"]
+
+
+def test_magicdata_extra_field_dropped(tmp_path):
+    root = tmp_path / "md"
+    write_wav(root / "WAV" / "train" / "C0001.wav", 16000, 3.0)
+    write_text(root / "TXT" / "train" / "C0001.txt", [
+        "[0.0,1.0]\tG00000200\t女\t四川话\t多了一列",
+        "[1.0,2.0]\tG00000200\t女,四川话\t正常\t",
+    ])
+    cfg = corpus_config(tmp_path, "magicdata", root, {"train": "train"})
+    cfg.audio.max_drop_fraction = 1.0
+    prepare_corpus(cfg)
+    assert read_lines(tmp_path / "data" / "train" / "text") == ["G00000200-C0001-00001000-00002000 正常"]
+    dropped = report_section(tmp_path / "data" / "train" / "prep_report.txt", "dropped at import /")
+    assert len(dropped) == 1
+    assert "C0001.txt:1: invalid line (expected [start,end], speaker, gender and text separated by 3 tabs, got 5 field(s)" in dropped[0]
+
+
+def test_magicdata_classic_mac_line_endings(tmp_path):
+    root = tmp_path / "md"
+    write_wav(root / "WAV" / "train" / "C0002.wav", 16000, 3.0)
+    (root / "TXT" / "train").mkdir(parents=True)
+    (root / "TXT" / "train" / "C0002.txt").write_bytes(
+        "[0.0,1.0]\tG00000200\t男,四川话\t第一行\r[1.5,2.5]\tG00000200\t男,四川话\t第二行\r".encode()
+    )
+    prepare_corpus(corpus_config(tmp_path, "magicdata", root, {"train": "train"}))
+    assert read_lines(tmp_path / "data" / "train" / "text") == [
+        "G00000200-C0002-00000000-00001000 第一行",
+        "G00000200-C0002-00001500-00002500 第二行",
+    ]
+
+
+def test_magicdata_fullwidth_time_dropped(tmp_path):
+    root = tmp_path / "md"
+    write_wav(root / "WAV" / "train" / "C0003.wav", 16000, 3.0)
+    write_text(root / "TXT" / "train" / "C0003.txt", [
+        "[１.０,２.０]\tG00000200\t男,四川话\t全角时间",
+        "[0.0,1.0]\tG00000200\t男,四川话\t半角时间",
+    ])
+    cfg = corpus_config(tmp_path, "magicdata", root, {"train": "train"})
+    cfg.audio.max_drop_fraction = 1.0
+    prepare_corpus(cfg)
+    assert read_lines(tmp_path / "data" / "train" / "segments") == ["G00000200-C0003-00000000-00001000 C0003 0.0 1.0"]
+    dropped = report_section(tmp_path / "data" / "train" / "prep_report.txt", "dropped at import /")
+    assert len(dropped) == 1
+    assert "C0003.txt:1: invalid time field" in dropped[0]
+
+
+def test_aishell_apple_double_files_left_out(aishell_corpus, tmp_path):
+    (aishell_corpus / "wav" / "train" / "S0002" / "._BAC009S0002W0123.wav").write_bytes(b"\x00\x05\x16\x07")
+    cfg = corpus_config(tmp_path, "aishell", aishell_corpus, {"train": "train"},
+                        transcript="transcript/aishell_transcript_v0.8.txt")
+    cfg.audio.max_drop_fraction = 1.0
+    prepare_corpus(cfg)
+    report = "\n".join(read_lines(tmp_path / "data" / "train" / "prep_report.txt"))
+    assert "._BAC009" not in report
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("我[laughter]笑了", "我 笑了"),
+    ("好<unk>嘛", "好 嘛"),
+    ("[NOISE1]来了", "来了"),
+    ("[+++]", None),
+])
+def test_tag_forms(text, expected):
+    assert apply_tag_rule(text, "remove") == expected
+
+
+def test_kaldi_data_dir_inside_corpus_rejected(tmp_path):
+    root = tmp_path / "corpus"
+    write_wav(root / "train" / "u1.wav", 16000, 1.0)
+    write_text(root / "train" / "wav.scp", [f"u1 {root / 'train' / 'u1.wav'}"])
+    write_text(root / "train" / "text", ["u1 你好"])
+    before = tree_hashes(root)
+    cfg = OmegaConf.merge(corpus_config(tmp_path, "kaldi", root, {"train": "train"}), {"data_dir": str(root / "prepared")})
+    with pytest.raises(DataPrepError, match="overlap: stage 0 never writes into the corpus"):
+        prepare_corpus(cfg)
+    assert tree_hashes(root) == before
+
+
+def test_kaldi_carriage_return_in_transcript_dropped(tmp_path):
+    root = tmp_path / "corpus"
+    for utt in ("u1", "u2"):
+        write_wav(root / "train" / f"{utt}.wav", 16000, 1.0)
+    write_text(root / "train" / "wav.scp", [f"{utt} {root / 'train' / f'{utt}.wav'}" for utt in ("u1", "u2")])
+    (root / "train" / "text").write_bytes("u1 你\r好\nu2 再见\n".encode())
+    cfg = corpus_config(tmp_path, "kaldi", root, {"train": "train"})
+    cfg.audio.max_drop_fraction = 1.0
+    prepare_corpus(cfg)
+    assert read_lines(tmp_path / "data" / "train" / "text") == ["u2 再见"]
+    report = read_lines(tmp_path / "data" / "train" / "prep_report.txt")
+    assert [line for line in report if line.startswith("dropped u1")] == [
+        "dropped u1: line break in transcript (a carriage return (\\r) inside the transcript line; remove it or end the line there)"
+    ]
+
+
+def test_prepare_main_reports_every_failed_split(magicdata_corpus, tmp_path):
+    """`python -m sparlora.prepare` goes on after a failing split and sums up the failures."""
+    import subprocess
+    import sys
+
+    write_text(magicdata_corpus / "TXT" / "dev" / "B0002.txt", ["[0.0,1.0]\tG00000180\t女,四川话\t坏编码"], encoding="gbk")
+    config = tmp_path / "md.yaml"
+    config.write_text(
+        "defaults:\n  - demo\n  - _self_\n"
+        f"corpus:\n  layout: magicdata\n  source_dir: {magicdata_corpus}\n  make_cmd: null\n"
+        f"data_dir: {tmp_path / 'data'}\n",
+        encoding="utf-8",
+    )
+    overrides = ["~corpus.splits", "+corpus.splits={dev: dev, train: train}", "audio.max_drop_fraction=1.0"]
+    result = subprocess.run([sys.executable, "-m", "sparlora.prepare", "--config", str(config), *overrides],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "1 of 2 splits failed" in result.stderr
+    assert (tmp_path / "data" / "train" / "text").is_file()

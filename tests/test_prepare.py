@@ -459,8 +459,9 @@ def test_corpus_missing_source_dir(tmp_path):
 
 
 def test_corpus_missing_split_dir(tmp_path):
+    (tmp_path / "corpus").mkdir()
     with pytest.raises(DataPrepError, match="source data dir not found: .*sc_train"):
-        prepare_corpus(corpus_config(tmp_path, tmp_path))
+        prepare_corpus(corpus_config(tmp_path, tmp_path / "corpus"))
 
 
 def test_stage_main_gbk_locale(tmp_path):

@@ -486,9 +486,15 @@ FORTUNE_CASES = [
     ("九八年毕业", "98年毕业"),
     ("零五级的学生", "05级的学生"),
     ("房间三零二", "房间302"),
+    ("一二年级的学生", "一二年级的学生"),
 ])
 def test_two_numerals_need_year_word(raw, expected):
     assert normalize_text(raw, ARABIC) == expected
+
+
+@pytest.mark.parametrize("idiom", ["初一十五", "三十而立", "五十步笑百步", "十万八千里", "一千零一夜"])
+def test_numeral_idioms_kept(idiom):
+    assert normalize_text(f"他说{idiom}啊", ARABIC) == f"他说{idiom}啊"
 
 
 @pytest.mark.parametrize("raw, expected", FORTUNE_CASES)
