@@ -280,7 +280,8 @@ def make_noisy_copies(
     The audio is read with `load_audio` at `source.sample_rate` and `channel`, so each
     noisy copy is a mono recording per utterance without segments. Other tables are
     copied (text, text.raw, utt2spk, spk2gender) or rebuilt (spk2utt, utt2dur,
-    reco2sr_ch). Raises SilentSignalError naming the utterance when one is silent.
+    reco2sr_ch). A silent utterance has no SNR, so it is left out of the copies and listed
+    in their reports.
     """
     src, out_root = Path(src), Path(out_root)
     snrs = [check_snr(snr) for snr in snrs_db]
@@ -305,9 +306,16 @@ def make_noisy_copies(
         (out_dir / "wav.scp").unlink(missing_ok=True)
     report_rows: list[list[str]] = [[] for _ in snrs]
     durations, limited = [], [0] * len(snrs)
+    kept, silent = [], []
     for utt in tqdm(utterances, desc=f"noisy copies of {src.name}", leave=False):
         speech = load_audio(utt.source, utt.start, utt.end, sample_rate=rate, channel=channel)
-        speech_power = active_speech_power(speech, rate, f"utterance {utt.id} of {src}")
+        try:
+            speech_power = active_speech_power(speech, rate, f"utterance {utt.id} of {src}")
+        except SilentSignalError as error:
+            logger.warning("%s; left out of the noisy copies", error)
+            silent.append(utt.id)
+            continue
+        kept.append(utt)
         segment = source.segment(len(speech), random.Random(f"{seed}/{utt.id}"))
         power = noise_power(segment.samples, f"noise {segment.path}")
         durations.append((utt.id, f"{len(speech) / rate:.3f}"))
@@ -321,6 +329,9 @@ def make_noisy_copies(
                 + (f", scaled by {factor:.4f} to avoid clipping" if factor < 1.0 else "")
             )
 
+    if not kept:
+        raise SilentSignalError(f"every utterance of {src} is silent: there is no speech to add noise to")
+    utterances = kept
     summaries = []
     for snr, out_dir, rows, count in zip(snrs, out_dirs, report_rows, limited):
         _write_noisy_tables(src, out_dir, [utt.id for utt in utterances], durations, rate)
@@ -333,7 +344,8 @@ def make_noisy_copies(
             f"sample rate: {rate}",
             f"utterances: {len(utterances)}",
             f"scaled down to avoid clipping: {count}",
-        ]
+            f"left out as silent: {len(silent)}",
+        ] + [f"silent {utt}" for utt in silent]
         atomic_write_text(out_dir / NOISE_REPORT, "\n".join(header + rows) + "\n")
         seconds = sum(float(value) for _, value in durations)
         speakers = len({utt.speaker for utt in utterances})
@@ -348,8 +360,9 @@ def _write_noisy_tables(src: Path, dst: Path, ids: list[str], durations: list[tu
     wav_dir = (dst / "wav").resolve()
     write_table(dst / "wav.scp", [(utt, str(wav_dir / f"{utt}.wav")) for utt in ids])
     (dst / "segments").unlink(missing_ok=True)
-    write_table(dst / "text", read_table(src / "text"))
-    utt2spk = read_table(src / "utt2spk")
+    keep = set(ids)
+    write_table(dst / "text", [(utt, value) for utt, value in read_table(src / "text") if utt in keep])
+    utt2spk = [(utt, speaker) for utt, speaker in read_table(src / "utt2spk") if utt in keep]
     write_table(dst / "utt2spk", utt2spk)
     spk2utt: dict[str, list[str]] = {}
     for utt, speaker in utt2spk:
@@ -357,9 +370,10 @@ def _write_noisy_tables(src: Path, dst: Path, ids: list[str], durations: list[tu
     write_table(dst / "spk2utt", [(speaker, " ".join(utts)) for speaker, utts in sorted(spk2utt.items())])
     write_table(dst / "utt2dur", durations)
     write_table(dst / "reco2sr_ch", [(utt, f"{rate} 1") for utt in ids])
-    for name in ("spk2gender", "text.raw"):
+    speakers = set(spk2utt)
+    for name, wanted in (("spk2gender", speakers), ("text.raw", keep)):
         if (src / name).is_file():
-            write_table(dst / name, read_table(src / name))
+            write_table(dst / name, [(key, value) for key, value in read_table(src / name) if key in wanted])
         else:
             (dst / name).unlink(missing_ok=True)
     for name in STAGE1_FILES:

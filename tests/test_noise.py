@@ -230,7 +230,25 @@ def test_noisy_copies_deterministic_per_seed(prepared_test_split, noise_dir, tmp
     assert a["utt-a.wav"] != c["utt-a.wav"]
 
 
-def test_noisy_copies_silent_utterance_raises(tmp_path, noise_dir):
+def test_noisy_copies_silent_utterance_left_out(tmp_path, noise_dir):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    soundfile.write(src / "quiet.wav", np.zeros(RATE), RATE)
+    soundfile.write(src / "loud.wav", 0.3 * np.sin(2 * np.pi * 440 * np.arange(RATE) / RATE), RATE)
+    (src / "wav.scp").write_text(f"loud {src}/loud.wav\nquiet {src}/quiet.wav\n", encoding="utf-8")
+    (src / "text").write_text("loud 大声\nquiet 安静\n", encoding="utf-8")
+    prepare_kaldi_dir(src, tmp_path / "data" / "test", AUDIO, 0.0)
+
+    make_noisy_copies(tmp_path / "data" / "test", tmp_path / "data", [10], NoiseSource(noise_dir), seed=0)
+
+    out = tmp_path / "data" / "test_snr10"
+    assert (out / "text").read_text(encoding="utf-8") == "loud 大声\n"
+    report = (out / NOISE_REPORT).read_text(encoding="utf-8").splitlines()
+    assert "left out as silent: 1" in report
+    assert "silent quiet" in report
+
+
+def test_noisy_copies_all_silent_raises(tmp_path, noise_dir):
     src = tmp_path / "corpus"
     src.mkdir()
     soundfile.write(src / "quiet.wav", np.zeros(RATE), RATE)
@@ -238,7 +256,7 @@ def test_noisy_copies_silent_utterance_raises(tmp_path, noise_dir):
     (src / "text").write_text("quiet 安静\n", encoding="utf-8")
     prepare_kaldi_dir(src, tmp_path / "data" / "test", AUDIO, 0.0)
 
-    with pytest.raises(SilentSignalError, match="utterance quiet of .*test is silent"):
+    with pytest.raises(SilentSignalError, match="every utterance of .*test is silent"):
         make_noisy_copies(tmp_path / "data" / "test", tmp_path / "data", [10], NoiseSource(noise_dir), seed=0)
 
     out = tmp_path / "data" / "test_snr10"
