@@ -518,7 +518,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = parse_stage_args("Write speaker-disjoint splits and nested duration subsets of prepared data dirs.", argv)
     make_configured_splits(cfg)
+    warn_unlisted_derived_dirs(cfg)
     return 0
+
+
+def warn_unlisted_derived_dirs(cfg: Any) -> list[str]:
+    """Log a warning naming derived dirs in data_dir that the config no longer writes, and return them.
+
+    A derived dir (speaker split, subset or noisy copy) stays on disk when its setting is
+    removed, and then reflects an older stage 0. Later stages only read the dirs that the
+    config lists, but a config that names one again would pick up the old copy.
+    """
+    from sparlora.noise import NOISE_REPORT
+
+    data_dir = Path(cfg.data_dir)
+    listed = set(prepared_split_names(cfg))
+    unlisted = sorted(
+        path.name
+        for path in data_dir.glob("*")
+        if path.is_dir() and path.name not in listed and ((path / SUBSET_REPORT).is_file() or (path / NOISE_REPORT).is_file())
+    )
+    if unlisted:
+        logger.warning(
+            "%s has derived data dirs that the config no longer writes, so they may reflect an older stage 0: %s; "
+            "remove them if they are stale", data_dir, ", ".join(unlisted)
+        )
+    return unlisted
 
 
 if __name__ == "__main__":

@@ -362,3 +362,16 @@ def test_main_writes_configured_dirs(prepared, tmp_path):
     written = sorted(p.name for p in data_dir.iterdir())
     assert written == ["all", "all_30s", "all_all", "spk_dev", "spk_test", "spk_train"]
     assert set(keys(data_dir / "all_all" / "text")) == set(keys(prepared / "text"))
+
+
+def test_unlisted_derived_dirs_warned(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from sparlora.splits import SUBSET_REPORT, warn_unlisted_derived_dirs
+
+    for name in ("train", "train_10m", "dev"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "train_10m" / SUBSET_REPORT).write_text("source: train\n", encoding="utf-8")
+    cfg = OmegaConf.create({"data_dir": str(tmp_path), "corpus": {"splits": {"train": "a", "dev": "b"}, "test_splits": []}})
+    assert warn_unlisted_derived_dirs(cfg) == ["train_10m"]
+    assert "config no longer writes" in caplog.text
