@@ -26,6 +26,10 @@ for cmd in "${!debian_package_of[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${debian_package_of[$cmd]}")
 done
 [ -e /usr/share/games/fortunes/chinese ] || missing+=(fortunes-zh)
+# The test suite checks our error counts against NIST sclite (Debian package sctk).
+if $with_test && ! command -v sclite >/dev/null 2>&1 && [ ! -x /usr/lib/sctk/bin/sclite ]; then
+  missing+=(sctk)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing Debian packages: ${missing[*]}"

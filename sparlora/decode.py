@@ -3,11 +3,16 @@
 Features come from `sparlora.data.extract_features` (the training path), batches are
 decoded with `Paraformer.inference(..., data_type="fbank")`: encoder, CIF predictor,
 then one decoder pass and an argmax per predicted token. Hypotheses are written as a
-Kaldi table `decode_<set>/hyp` (`uttid text`, text may be empty) beside `ref`.
+Kaldi table `decode_<set>/hyp` (`uttid text`, text may be empty) beside `ref`, for every
+test set of `corpus.test_splits`, with the base model into `<exp_root>/base/` and with
+the fine-tuned model into the experiment folder. `decode_<set>/fingerprint` records the
+model file, the manifest and the decoding settings, and a rerun skips a test set whose
+fingerprint is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,31 +26,73 @@ from sparlora.kaldi_io import write_table
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the block with `count` torch intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def zero_padded_frames(module, inputs, output):
+    """Set the encoder output to 0 at padded frames; a forward hook for the Paraformer encoder.
+
+    FunASR's CifPredictorV2 (funasr 1.4.16) runs a width-3 Conv1d over the encoder output
+    before it applies the mask. At the last real frame of a short utterance the
+    convolution therefore reads the encoder output at the first padded frame, where a
+    one-utterance batch has the predictor's own zero padding. Without this hook the CIF
+    weights, and so the transcript, of an utterance depend on the other utterances of its
+    batch: on the demo base model, 2 of 100 sc_test transcripts changed between batch
+    size 1 and 16. With it, batched decoding gives the transcripts of one-utterance
+    decoding.
+    """
+    encoder_out, lengths = output[0], output[1]
+    if not isinstance(encoder_out, torch.Tensor) or lengths is None:
+        return output
+    valid = torch.arange(encoder_out.shape[1], device=encoder_out.device)[None, :] < lengths.view(-1, 1)
+    return (encoder_out * valid.unsqueeze(-1).to(encoder_out.dtype), *output[1:])
+
+
 @torch.no_grad()
 def decode_dataset(model, dataset: AsrDataset, tokenizer, frontend, batch_size: int, device: str, progress: bool = True) -> dict[str, str]:
-    """Decode every utterance of `dataset`; return utterance id -> hypothesis text."""
+    """Decode every utterance of `dataset`; return utterance id -> hypothesis text.
+
+    Utterances are decoded in batches of similar length. Features are computed with one
+    torch thread: FunASR's frontend runs many small tensor operations, which on a 2-core
+    CPU ran about twice as slowly with 2 intra-op threads as with 1.
+    """
     was_training = model.training
     model.eval()
     order = sorted(range(len(dataset)), key=lambda i: dataset.entries[i].source_len)
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     hyps: dict[str, str] = {}
-    for batch_indices in tqdm(batches, desc="decode", disable=not progress, leave=False):
-        batch = collate([dataset[i] for i in batch_indices])
-        results = model.inference(
-            batch["speech"].to(device),
-            batch["speech_lengths"].to(device),
-            key=batch["keys"],
-            tokenizer=tokenizer,
-            frontend=frontend,
-            data_type="fbank",
-            device=device,
-        )
-        # Paraformer.inference returns a bare empty list when the CIF predictor fires
-        # no token in the whole batch: every hypothesis is then empty.
-        decoded = {item["key"]: item["text"] for item in results[0]} if results else {}
-        for key in batch["keys"]:
-            hyps[key] = decoded.get(key, "")
-    model.train(was_training)
+    hook = model.encoder.register_forward_hook(zero_padded_frames)
+    try:
+        for batch_indices in tqdm(batches, desc="decode", disable=not progress, leave=False):
+            with torch_threads(1):
+                batch = collate([dataset[i] for i in batch_indices])
+            # Paraformer.inference squeezes the last axis of the lengths, so lengths of
+            # shape [batch] would become a 0-d tensor for a one-utterance batch and fail.
+            results = model.inference(
+                batch["speech"].to(device),
+                batch["speech_lengths"].unsqueeze(-1).to(device),
+                key=batch["keys"],
+                tokenizer=tokenizer,
+                frontend=frontend,
+                data_type="fbank",
+                device=device,
+            )
+            # Paraformer.inference returns a bare empty list when the CIF predictor fires
+            # no token in the whole batch: every hypothesis is then empty.
+            decoded = {item["key"]: item["text"] for item in results[0]} if results else {}
+            for key in batch["keys"]:
+                hyps[key] = decoded.get(key, "")
+    finally:
+        hook.remove()
+        model.train(was_training)
     return hyps
 
 
@@ -76,30 +123,40 @@ def main(argv=None) -> int:
     torch.set_num_threads(cfg.train.num_threads)
     data_dir = Path(cfg.data_dir)
 
-    # The base model's zero-shot decode is shared by every experiment of a corpus and is
-    # reused while the model and the test manifests stay the same.
+    manifests = {str(name): data_dir / str(name) / "data.jsonl" for name in cfg.corpus.test_splits}
+    missing = [str(path) for path in manifests.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"test manifests not found: {', '.join(missing)}; run stage 2 first")
+
+    # The base model's zero-shot decodes are shared by every experiment of a corpus. Each
+    # test set, the extra ones added later (noisy copies, for example) included, is
+    # decoded again only when the model, its manifest or a decoding setting changed.
     models = {"base": (Path(cfg.model.dir), Path(cfg.exp_root) / "base")}
     if cfg.decode.checkpoint != "base":
         models["finetuned"] = (Path(cfg.exp_dir) / "final_model", Path(cfg.exp_dir))
+    settings = f"sample_rate={cfg.audio.sample_rate} channel={cfg.audio.channel} batch_size={cfg.decode.batch_size} device={device}"
     for label, (model_dir, exp_dir) in models.items():
         if not (model_dir / "model.pt").is_file():
             raise FileNotFoundError(f"model not found: {model_dir / 'model.pt'}; run stage {2 if label == 'base' else 3} first")
-        manifests = [data_dir / name / "data.jsonl" for name in cfg.corpus.test_splits]
-        missing = [str(path) for path in manifests if not path.is_file()]
-        if missing:
-            raise FileNotFoundError(f"test manifests not found: {', '.join(missing)}; run stage 2 first")
-        settings = f"sample_rate={cfg.audio.sample_rate} channel={cfg.audio.channel} batch_size={cfg.decode.batch_size} device={device}"
-        fingerprint = decode_fingerprint(model_dir / "model.pt", manifests, settings)
-        stamp = exp_dir / "decode_fingerprint"
-        if label == "base" and stamp.is_file() and stamp.read_text(encoding="utf-8") == fingerprint:
-            logger.info("base model decodes in %s are up to date", exp_dir)
+        pending = {}
+        for name, manifest in manifests.items():
+            out_dir = exp_dir / f"decode_{name}"
+            fingerprint = decode_fingerprint(model_dir / "model.pt", [manifest], settings)
+            stamp = out_dir / "fingerprint"
+            if (out_dir / "hyp").is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == fingerprint:
+                logger.info("%s decode of %s in %s is up to date", label, name, out_dir)
+            else:
+                pending[name] = fingerprint
+        if not pending:
             continue
+
         model, kwargs = load_paraformer(model_dir, device=device, num_threads=cfg.train.num_threads)
-        for name, manifest in zip(cfg.corpus.test_splits, manifests):
+        for name, fingerprint in pending.items():
+            out_dir = exp_dir / f"decode_{name}"
             logger.info("decoding %s with the %s model %s", name, label, model_dir)
-            decode_manifest(model, kwargs, manifest, exp_dir / f"decode_{name}",
+            decode_manifest(model, kwargs, manifests[name], out_dir,
                             cfg.decode.batch_size, device, cfg.audio.sample_rate, cfg.audio.channel)
-        stamp.write_text(fingerprint, encoding="utf-8")
+            (out_dir / "fingerprint").write_text(fingerprint, encoding="utf-8")
     return 0
 
 

@@ -11,6 +11,17 @@ Empty sides are scored here, without jiwer: an empty reference with an empty hyp
 has no errors, an empty reference with a non-empty hypothesis has only insertions and no
 per-utterance CER ("ref empty"), and an empty hypothesis deletes every reference
 character.
+
+Each decode folder also gets `ref.trn` and `hyp.trn` in sclite's transcript format: the
+normalized characters separated by spaces, then `(speaker-utterance)`. They score with
+
+    sclite -r ref.trn trn -h hyp.trn trn -i rm -e utf-8 -s -o sum stdout
+
+`-s` keeps case as the normalization left it. sclite's alignment weighs a substitution
+4 and an insertion or deletion 3, while jiwer's (and Kaldi's `compute-wer`) counts every
+edit as 1. Both give the same counts on almost every utterance. Where they differ,
+sclite reports more errors: for `abxyz` against `pqrab` it keeps the two hits and
+reports 3 deletions and 3 insertions, where jiwer reports 5 substitutions.
 """
 
 from __future__ import annotations
@@ -193,6 +204,34 @@ def format_cer(result: ScoreResult) -> str:
     return f"CER {rate} (S={result.substitutions} D={result.deletions} I={result.insertions} N={result.ref_length})"
 
 
+def trn_line(text: str, speaker: str, utterance_id: str) -> str:
+    """Return one sclite `trn` line: every character of `text` as a token, then `(speaker-utterance)`.
+
+    `text` must be the normalized text without whitespace (`UtteranceScore.ref` or `.hyp`).
+    NOTE: sclite reads `(`, `)`, `{`, `}` and `/` inside a transcript as markup, so a
+    scoring normalization that keeps punctuation makes sclite's counts differ from ours.
+    """
+    tokens = " ".join(text)
+    utterance_tag = f"({speaker}-{utterance_id})"
+    return f"{tokens} {utterance_tag}" if tokens else utterance_tag
+
+
+def write_trn(result: ScoreResult, ref_path: str | Path, hyp_path: str | Path, speakers: Mapping[str, str] | None = None) -> None:
+    """Write the normalized references and hypotheses as sclite `trn` files, atomically.
+
+    `speakers` maps utterance ids to speaker ids (`utt2spk`). An utterance without a
+    speaker uses its own id as speaker id. A missing hypothesis is written as an empty line.
+    """
+    speakers = speakers or {}
+    ref_lines, hyp_lines = [], []
+    for utterance in result.utterances:
+        speaker = speakers.get(utterance.utterance_id, utterance.utterance_id)
+        ref_lines.append(trn_line(utterance.ref, speaker, utterance.utterance_id) + "\n")
+        hyp_lines.append(trn_line(utterance.hyp, speaker, utterance.utterance_id) + "\n")
+    atomic_write_text(ref_path, "".join(ref_lines))
+    atomic_write_text(hyp_path, "".join(hyp_lines))
+
+
 def _display_width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
 
@@ -286,6 +325,23 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
+def provenance_lines(command: Sequence[str] | None = None) -> list[str]:
+    """Return Markdown list items with the creation time, command, git commit and package versions.
+
+    `command` defaults to the interpreter's own command line (`sys.orig_argv`).
+    """
+    command = list(sys.orig_argv if command is None else command)
+    commit = _git_commit(Path.cwd()) or "unknown (not a git checkout)"
+    versions = _package_versions()
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"- created: {created}",
+        f"- command: `{shlex.join(command)}`",
+        f"- git commit: {commit}",
+        f"- python: {sys.version.split()[0]}; " + "; ".join(f"{name}: {version}" for name, version in versions.items()),
+    ]
+
+
 def write_results_md(
     path: str | Path,
     sections: Mapping[str, ScoreResult],
@@ -296,18 +352,10 @@ def write_results_md(
 
     `command` defaults to the interpreter's own command line (`sys.orig_argv`). Written atomically.
     """
-    command = list(sys.orig_argv if command is None else command)
-    commit = _git_commit(Path.cwd()) or "unknown (not a git checkout)"
-    versions = _package_versions()
-    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
     lines = [
         "# Results",
         "",
-        f"- created: {created}",
-        f"- command: `{shlex.join(command)}`",
-        f"- git commit: {commit}",
-        f"- python: {sys.version.split()[0]}; " + "; ".join(f"{name}: {version}" for name, version in versions.items()),
+        *provenance_lines(command),
         "",
         "## Character error rate",
         "",
@@ -337,7 +385,10 @@ def write_results_md(
 
 
 def score_test_set(ref_path: Path, hyp_path: Path, decode_dir: Path, test_set: str, cfg: TextNormConfig) -> ScoreResult:
-    """Score one test set and write `decode_dir/cer.txt` and `decode_dir/align.txt`."""
+    """Score one test set and write `cer.txt`, `align.txt`, `ref.trn` and `hyp.trn` in `decode_dir`.
+
+    Speaker ids for the `trn` files come from `utt2spk` beside `ref_path`, when it exists.
+    """
     if not ref_path.is_file():
         raise FileNotFoundError(f"reference transcripts not found: {ref_path} (written by stages 0 and 1)")
     if not hyp_path.is_file():
@@ -346,6 +397,10 @@ def score_test_set(ref_path: Path, hyp_path: Path, decode_dir: Path, test_set: s
     result = cer_counts(dict(read_table(ref_path)), dict(read_table(hyp_path)), cfg)
     write_alignments(result, decode_dir / "align.txt")
     write_summary(result, decode_dir / "cer.txt", test_set, cfg)
+
+    utt2spk = ref_path.parent / "utt2spk"
+    speakers = dict(read_table(utt2spk)) if utt2spk.is_file() else None
+    write_trn(result, decode_dir / "ref.trn", decode_dir / "hyp.trn", speakers)
     return result
 
 

@@ -9,8 +9,10 @@ from sparlora.score import (
     format_alignment,
     format_cer,
     main,
+    trn_line,
     write_alignments,
     write_results_md,
+    write_trn,
 )
 from sparlora.text import TextNormConfig
 
@@ -171,6 +173,28 @@ def test_alignment_empty_ref(tmp_path):
     )
 
 
+# --- sclite trn files
+
+
+def test_trn_line_one_token_per_character():
+    assert trn_line("今天wifi", "spk1", "spk1-u1") == "今 天 w i f i (spk1-spk1-u1)"
+
+
+def test_trn_line_empty_text():
+    assert trn_line("", "spk1", "u2") == "(spk1-u2)"
+
+
+def test_write_trn_normalized_sides(tmp_path):
+    refs = {"u1": "我 爱 北京！", "u2": "。", "u3": "今天"}
+    hyps = {"u1": "我爱背景", "u2": "嗯"}
+    result = cer_counts(refs, hyps, CFG)
+
+    write_trn(result, tmp_path / "ref.trn", tmp_path / "hyp.trn", {"u1": "s1", "u2": "s2"})
+
+    assert (tmp_path / "ref.trn").read_text(encoding="utf-8") == "我 爱 北 京 (s1-u1)\n(s2-u2)\n今 天 (u3-u3)\n"
+    assert (tmp_path / "hyp.trn").read_text(encoding="utf-8") == "我 爱 背 景 (s1-u1)\n嗯 (s2-u2)\n(u3-u3)\n"
+
+
 # --- RESULTS.md
 
 
@@ -202,6 +226,7 @@ def test_stage5_main(tmp_path, capsys):
     (exp / "lora_r16" / "decode_sc_test" / "hyp").write_text("u1\nu2 我们明天去城都\n", encoding="utf-8")
     (exp / "base" / "decode_sc_test").mkdir(parents=True)
     (exp / "base" / "decode_sc_test" / "hyp").write_text("u1\nu2 我们\n", encoding="utf-8")
+    (data / "sc_test" / "utt2spk").write_text("u2 spk9\n", encoding="utf-8")
     config = tmp_path / "conf" / "test.yaml"
     config.parent.mkdir()
     config.write_text(
@@ -217,6 +242,11 @@ def test_stage5_main(tmp_path, capsys):
     summary = (exp / "lora_r16" / "decode_sc_test" / "cer.txt").read_text(encoding="utf-8")
     assert "CER 33.33% (S=1 D=2 I=0 N=9)" in summary
     assert "u2 op:  C  C  C  C  C  S  C" in (exp / "lora_r16" / "decode_sc_test" / "align.txt").read_text(encoding="utf-8")
+    # u1 has no utt2spk entry, so its own id is the speaker id.
+    assert (exp / "lora_r16" / "decode_sc_test" / "hyp.trn").read_text(encoding="utf-8") == (
+        "(u1-u1)\n我 们 明 天 去 城 都 (spk9-u2)\n")
+    assert (exp / "base" / "decode_sc_test" / "ref.trn").read_text(encoding="utf-8") == (
+        "你 好 (u1-u1)\n我 们 明 天 去 成 都 (spk9-u2)\n")
     results = (exp / "lora_r16" / "RESULTS.md").read_text(encoding="utf-8")
     assert "| sc_test (lora_r16) | 33.33 | 1 | 2 | 0 | 9 | 2 |" in results
     assert "| sc_test (base model, zero-shot) | 77.78 | 0 | 7 | 0 | 9 | 2 |" in results

@@ -1,0 +1,192 @@
+"""Check, and optionally copy, the fine-tuned model that stage 3 exported.
+
+Usage: python -m sparlora.export --config conf/demo.yaml [--out DIR] [--utterances N] [overrides...]
+
+Stage 3 writes two exports into the experiment folder:
+
+- `final_model/`: the adapters merged into the weights, as a FunASR model directory
+  (config.yaml, model.pt, am.mvn, tokens.json, configuration.json) that
+  `funasr.AutoModel(model=DIR)` loads without this project;
+- `adapter/` (LoRA-family methods only): the adapter alone in PEFT format, for the
+  original pretrained weights. For PiSSA, OLoRA and residual SPaRLoRA it is the
+  converted rank-2r adapter of `sparlora.adapters.save_adapter_for_original_base`.
+
+This module checks both on the first N utterances of the first test set. It decodes
+them with `funasr.AutoModel` from the model directory alone and compares the
+transcripts with stage 4's `decode_<set>/hyp`. It loads the original base model with
+`peft.PeftModel.from_pretrained` and the adapter, and compares its transcripts and
+encoder outputs with the merged model's. The outcome goes to `<exp_dir>/export_check.txt`.
+A failed check ends the command with exit status 1. With `--out DIR`, the model directory
+is first copied to DIR with links resolved, and the copy is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sparlora.data import AsrDataset, ManifestEntry, read_manifest
+from sparlora.kaldi_io import atomic_write_text, read_table
+from sparlora.model import MODEL_FILES, missing_model_files
+
+logger = logging.getLogger(__name__)
+
+# Max relative difference allowed between the encoder outputs of the merged model and of
+# the base model with the adapter, max |merged - adapted| / max |merged|. Merging reorders
+# float32 sums: on the demo model (6 encoder blocks, 2-epoch runs) the ratio was below 1e-5.
+ENCODER_TOLERANCE = 1e-4
+
+
+@dataclass
+class AdapterCheck:
+    """Base model plus adapter against the merged model, on the same utterances."""
+
+    transcripts_equal: int
+    utterances: int
+    max_encoder_difference: float  # max |merged - adapted| / max |merged| over all utterances
+    differing_keys: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return self.transcripts_equal == self.utterances and self.max_encoder_difference <= ENCODER_TOLERANCE
+
+
+def copy_model_dir(src: Path, dst: Path) -> Path:
+    """Copy the files of a FunASR model directory to `dst`, links resolved; return `dst`."""
+    missing = missing_model_files(src)
+    if missing:
+        raise FileNotFoundError(f"{src} is not a FunASR model directory: missing {', '.join(missing)}; run stage 3")
+    if dst.resolve() == src.resolve():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        shutil.copyfile(src / name, dst / name)
+    return dst
+
+
+def automodel_transcripts(model_dir: Path, waveforms: Sequence, device: str = "cpu") -> list[str]:
+    """Decode waveforms (16 kHz mono float arrays) with `funasr.AutoModel` built from `model_dir` alone.
+
+    One utterance per batch: funasr 1.4.16's `AutoModel.inference` returns a single
+    result for a whole batch in which no token fires, which would misalign the others.
+    """
+    from funasr import AutoModel
+
+    model = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True, log_level="ERROR")
+    results = model.generate(input=list(waveforms), batch_size=1, disable_pbar=True)
+    if len(results) != len(waveforms):
+        raise RuntimeError(f"funasr.AutoModel returned {len(results)} results for {len(waveforms)} utterances")
+    return [result.get("text", "") for result in results]
+
+
+@torch.no_grad()
+def encoder_outputs(model, dataset: AsrDataset) -> list[torch.Tensor]:
+    """Return the encoder output of each utterance of `dataset`, one utterance per forward."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for index in range(len(dataset)):
+        feats = dataset.features(index)
+        encoded, lengths = model.encode(feats.unsqueeze(0), torch.tensor([feats.shape[0]]))
+        if isinstance(encoded, tuple):
+            encoded = encoded[0]
+        outputs.append(encoded[0, : int(lengths[0])].clone())
+    model.train(was_training)
+    return outputs
+
+
+def check_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, entries: Sequence[ManifestEntry],
+                  sample_rate: int, channel, batch_size: int = 16, device: str = "cpu") -> AdapterCheck:
+    """Compare the base model with the PEFT adapter applied against the merged model on `entries`."""
+    from peft import PeftModel
+
+    from sparlora.decode import decode_dataset
+    from sparlora.model import load_paraformer
+
+    merged, kwargs = load_paraformer(merged_dir, device=device)
+    base, _ = load_paraformer(base_dir, device=device)
+    adapted = PeftModel.from_pretrained(base, str(adapter_dir))
+    adapted.eval()
+
+    dataset = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], sample_rate, channel)
+    merged_hyps = decode_dataset(merged, dataset, kwargs["tokenizer"], kwargs["frontend"], batch_size, device, progress=False)
+    adapted_hyps = decode_dataset(adapted, dataset, kwargs["tokenizer"], kwargs["frontend"], batch_size, device, progress=False)
+    differing = [entry.key for entry in entries if merged_hyps[entry.key] != adapted_hyps[entry.key]]
+
+    largest_difference = largest_value = 0.0
+    for ours, theirs in zip(encoder_outputs(merged, dataset), encoder_outputs(adapted.get_base_model(), dataset)):
+        largest_difference = max(largest_difference, float((ours - theirs).abs().max()))
+        largest_value = max(largest_value, float(ours.abs().max()))
+    relative = largest_difference / largest_value if largest_value > 0 else largest_difference
+    return AdapterCheck(len(entries) - len(differing), len(entries), relative, differing)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sparlora.audio import load_audio
+    from sparlora.config import load_config, setup_logging
+    from sparlora.model import resolve_device
+
+    parser = argparse.ArgumentParser(description="Check the merged model and the adapter that stage 3 exported.")
+    parser.add_argument("--config", required=True, help="recipe config, e.g. conf/demo.yaml")
+    parser.add_argument("--out", help="copy the merged model directory here first and check the copy")
+    parser.add_argument("--utterances", type=int, default=20, help="utterances of the first test set to decode (default: 20)")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. method=lora")
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.decode.device)
+
+    exp_dir = Path(cfg.exp_dir)
+    model_dir = copy_model_dir(exp_dir / "final_model", Path(args.out) if args.out else exp_dir / "final_model")
+    test_set = str(cfg.corpus.test_splits[0])
+    hyp_path = exp_dir / f"decode_{test_set}" / "hyp"
+    if not hyp_path.is_file():
+        raise FileNotFoundError(f"stage 4 hypotheses not found: {hyp_path}; run stage 4 first")
+    stage4 = dict(read_table(hyp_path))
+    entries = read_manifest(Path(cfg.data_dir) / test_set / "data.jsonl")[: args.utterances]
+
+    waveforms = [load_audio(entry.source, entry.start, entry.end, sample_rate=cfg.audio.sample_rate, channel=cfg.audio.channel)
+                 for entry in entries]
+    texts = automodel_transcripts(model_dir, waveforms, device)
+    differing = [entry.key for entry, text in zip(entries, texts) if stage4.get(entry.key) != text]
+    lines = [
+        f"model dir: {model_dir}",
+        f"funasr.AutoModel transcripts equal to stage 4 ({hyp_path}): {len(entries) - len(differing)} of {len(entries)}",
+    ]
+    if differing:
+        lines.append(f"  differing utterances: {' '.join(differing)}")
+    passed = not differing
+
+    adapter_dir = exp_dir / "adapter"
+    if (adapter_dir / "adapter_config.json").is_file():
+        check = check_adapter(Path(cfg.model.dir), adapter_dir, model_dir, entries, cfg.audio.sample_rate,
+                              cfg.audio.channel, cfg.decode.batch_size, device)
+        lines.append(f"adapter {adapter_dir} on the base model {cfg.model.dir}: transcripts equal to the merged model: "
+                     f"{check.transcripts_equal} of {check.utterances}; max relative encoder output difference "
+                     f"{check.max_encoder_difference:.2e} (allowed {ENCODER_TOLERANCE:.0e})")
+        if check.differing_keys:
+            lines.append(f"  differing utterances: {' '.join(check.differing_keys)}")
+        passed = passed and check.passed
+    else:
+        lines.append(f"adapter: none in {exp_dir} (method {cfg.method.name} writes no PEFT adapter)")
+
+    lines.append(f"result: {'passed' if passed else 'FAILED'}")
+    report = exp_dir / "export_check.txt"
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    for line in lines:
+        logger.info("%s", line)
+    if not passed:
+        raise RuntimeError(f"export check failed; see {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    from sparlora.config import run_main
+
+    raise SystemExit(run_main(main))

@@ -1,0 +1,94 @@
+"""Figures of a method comparison, written as PNG with matplotlib's Agg renderer.
+
+Figures are built with `matplotlib.figure.Figure`, not pyplot, so no display and no
+global backend state are involved. Each function returns the series it drew, in
+percent, so tests can check the numbers without reading pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:
+    from sparlora.compare import Run
+    from sparlora.score import ScoreResult
+
+DPI = 120
+
+
+def plot_dev_cer(runs: Sequence["Run"], path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Draw the dev CER after each epoch, one line per run; return {run tag: (epochs, CER %)}.
+
+    Runs without dev CER are left out. Nothing is written when no run has one.
+    """
+    series = {}
+    for run in runs:
+        points = [(int(record["epoch"]), 100 * record["dev_cer"]) for record in run.epochs if "dev_cer" in record]
+        if points:
+            series[run.tag] = ([epoch for epoch, _ in points], [cer for _, cer in points])
+    if not series:
+        return {}
+
+    figure = Figure(figsize=(6.4, 4.2), dpi=DPI)
+    axes = figure.add_subplot()
+    for tag, (epochs, cers) in series.items():
+        axes.plot(epochs, cers, marker="o", markersize=3, label=tag)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("dev CER (%)")
+    axes.set_title("Dev CER per epoch")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    return series
+
+
+def plot_cer_vs_rank(runs: Sequence["Run"], test_sets: Sequence[str], path: Path,
+                     base: Mapping[str, "ScoreResult"] | None = None) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Draw test CER against rank, one panel per test set and one line per method.
+
+    Returns {test set: {method: (ranks, CER %)}} for methods with a rank. A method
+    without rank (full fine-tuning) and the base model's zero-shot CER are drawn as
+    horizontal lines. Nothing is written when no method has two ranks or more, since one
+    point per method shows no trend.
+    """
+    ranked = {}
+    for run in runs:
+        if run.rank > 0:
+            ranked.setdefault(run.method, []).append(run)
+    if not any(len({run.rank for run in method_runs}) > 1 for method_runs in ranked.values()):
+        return {}
+    unranked = [run for run in runs if run.rank == 0]
+
+    series: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    figure = Figure(figsize=(4.2 * len(test_sets), 4.0), dpi=DPI)
+    all_ranks = sorted({run.rank for run in runs if run.rank > 0})
+    for index, test_set in enumerate(test_sets):
+        axes = figure.add_subplot(1, len(test_sets), index + 1)
+        series[test_set] = {}
+        for method, method_runs in sorted(ranked.items()):
+            points = sorted((run.rank, run.scores[test_set].cer) for run in method_runs if run.scores[test_set].cer is not None)
+            ranks = [rank for rank, _ in points]
+            cers = [100 * cer for _, cer in points]
+            series[test_set][method] = (ranks, cers)
+            axes.plot(ranks, cers, marker="o", label=method)
+        for run in unranked:
+            if run.scores[test_set].cer is not None:
+                axes.axhline(100 * run.scores[test_set].cer, linestyle="--", color="gray", label=f"{run.method} (no rank)")
+        if base and test_set in base and base[test_set].cer is not None:
+            axes.axhline(100 * base[test_set].cer, linestyle=":", color="black", label="base model, zero-shot")
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(all_ranks, [str(rank) for rank in all_ranks])
+        axes.set_xlabel("rank")
+        axes.set_ylabel("CER (%)")
+        axes.set_title(test_set)
+        axes.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    return series

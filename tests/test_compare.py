@@ -1,0 +1,346 @@
+"""RESULTS.md of a method comparison and its figures, on fabricated run folders."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparlora.compare import (
+    build_report,
+    convergence_epoch,
+    differing_settings,
+    find_runs,
+    main,
+    parse_epoch_records,
+    parse_init_seconds,
+    parse_trainable,
+    reference_run,
+    results_markdown,
+)
+from sparlora.plots import plot_cer_vs_rank, plot_dev_cer
+from sparlora.stats import paired_bootstrap
+
+TEST_SETS = ["sc_test", "cmn_test"]
+REFS = {
+    "sc_test": {"a1": "今天天气很好", "a2": "我们去成都", "a3": "吃火锅", "a4": "巴适得很"},
+    "cmn_test": {"b1": "你好", "b2": "明天见"},
+}
+# Errors per utterance, in the order of REFS: base sc 1 1 1 2 (5/18), cmn 0 1 (1/5).
+HYPS = {
+    "base": {"sc_test": {"a1": "今天天汽很好", "a2": "我们去城都", "a3": "吃火", "a4": "八十得很"},
+             "cmn_test": {"b1": "你好", "b2": "明天"}},
+    # sc 0 1 0 1 (2/18), cmn 0 0
+    "lora": {"sc_test": {"a1": "今天天气很好", "a2": "我们去城都", "a3": "吃火锅", "a4": "八适得很"},
+             "cmn_test": {"b1": "你好", "b2": "明天见"}},
+    # sc 0 0 0 1 (1/18), cmn 1 0 (1/5)
+    "sparlora": {"sc_test": {"a1": "今天天气很好", "a2": "我们去成都", "a3": "吃火锅", "a4": "八适得很"},
+                 "cmn_test": {"b1": "你", "b2": "明天见"}},
+    # sc 1 1 0 1 (3/18), cmn 0 0
+    "worse": {"sc_test": {"a1": "今天天汽很好", "a2": "我们去城都", "a3": "吃火锅", "a4": "八适得很"},
+              "cmn_test": {"b1": "你好", "b2": "明天见"}},
+}
+LOG_PREFIX = "2026-01-01 10:00:00,000 INFO"
+
+
+def epoch_line(epoch: int, dev_cer: float, minutes: float) -> str:
+    return (f"{LOG_PREFIX} [__main__] epoch {epoch} done: epoch {epoch}, step {10 * epoch}, train_loss 1.2345, "
+            f"skipped_batches 0, minutes {minutes:.4f}, dev_loss 1.1000, dev_cer {dev_cer:.4f}\n")
+
+
+def write_text(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def make_run(exp_root, tag, method, rank, hyps, dev_cers, split="train", trainable=None, init_seconds=None,
+             log_name="train.log", seed=1234):
+    run_dir = exp_root / tag
+    write_text(run_dir / "config.yaml",
+               f"method:\n  name: {method}\n  rank: {rank}\ncorpus:\n  train_split: {split}\n"
+               f"train:\n  seed: {seed}\n  epochs: {len(dev_cers)}\nscoring:\n  text: {{}}\n")
+    log = "".join(epoch_line(epoch, cer, 1.5 * epoch) for epoch, cer in enumerate(dev_cers, start=1))
+    extra = ""
+    if trainable is not None:
+        extra += f"{LOG_PREFIX} [sparlora.adapters] {method}: {trainable[0]} of {trainable[1]} parameters trainable (1.000%)\n"
+    if init_seconds is not None:
+        extra += f"{LOG_PREFIX} [__main__] {method} initialization took {init_seconds:.3f} s\n"
+    if log_name == "train.log":
+        write_text(run_dir / "train.log", extra + log)
+    else:
+        write_text(run_dir / "train.log", log)
+        write_text(run_dir / log_name, extra)
+    for test_set in TEST_SETS:
+        write_text(run_dir / f"decode_{test_set}" / "hyp",
+                   "".join(f"{key} {text}\n" for key, text in HYPS[hyps][test_set].items()))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comparison")
+    data, exp = root / "data", root / "exp"
+    for test_set, refs in REFS.items():
+        write_text(data / test_set / "text", "".join(f"{key} {text}\n" for key, text in refs.items()))
+    for test_set in TEST_SETS:
+        write_text(exp / "base" / f"decode_{test_set}" / "hyp",
+                   "".join(f"{key} {text}\n" for key, text in HYPS["base"][test_set].items()))
+    make_run(exp, "lora_r8", "lora", 8, "worse", [0.6, 0.5, 0.4], trainable=(1000, 101000), init_seconds=0.101)
+    make_run(exp, "lora_r16", "lora", 16, "lora", [0.5, 0.4, 0.3], trainable=(2000, 102000), init_seconds=0.102)
+    make_run(exp, "sparlora_r8", "sparlora", 8, "lora", [0.45, 0.35, 0.3], trainable=(1000, 101000), init_seconds=0.201)
+    make_run(exp, "sparlora_r16", "sparlora", 16, "sparlora", [0.35, 0.28, 0.25], trainable=(2000, 102000),
+             init_seconds=0.202, log_name="run.log")
+    make_run(exp, "sparlora_dft_r16", "sparlora_dft", 16, "worse", [0.5, 0.45, 0.4], trainable=(2000, 102000))
+    make_run(exp, "full_r0", "full", 0, "sparlora", [0.4, 0.3, 0.2], trainable=(100000, 100000))
+    make_run(exp, "lora_r16_train_10h", "lora", 16, "worse", [0.7, 0.6], split="train_10h")
+    # A resumed run logs epoch 2 twice; the later line counts.
+    with (exp / "sparlora_r16" / "train.log").open("a", encoding="utf-8") as log:
+        log.write(epoch_line(2, 0.2700, 3.0))
+    write_text(root / "compare.yaml",
+               f"corpus:\n  name: toy\n  train_split: train\n  test_splits: [sc_test, cmn_test]\n"
+               f"data_dir: {data}\nexp_root: {exp}\nmethod:\n  rank: 16\nscoring:\n  text: {{}}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(corpus):
+    from sparlora.compare import base_scores
+    from sparlora.text import TextNormConfig
+
+    runs = find_runs(corpus / "exp", corpus / "data", TEST_SETS)
+    base = base_scores(corpus / "exp", corpus / "data", TEST_SETS, TextNormConfig())
+    return build_report(runs, base, TEST_SETS, main_split="train", main_rank=16, resamples=1000, seed=0)
+
+
+def rows(text: str, header_start: str) -> list[str]:
+    """Return the data rows of the Markdown table whose header starts with `header_start`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    table = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return table
+
+
+# --- log parsing
+
+
+def test_epoch_records_last_line_wins():
+    text = epoch_line(1, 0.5, 1.0) + epoch_line(2, 0.45, 2.0) + "other line\n" + epoch_line(2, 0.4, 2.5)
+
+    records = parse_epoch_records(text)
+
+    assert [record["epoch"] for record in records] == [1, 2]
+    assert records[1]["dev_cer"] == 0.4
+    assert records[1]["minutes"] == 2.5
+    assert records[1]["step"] == 20
+    assert isinstance(records[1]["step"], int)
+
+
+def test_trainable_and_init_lines():
+    text = (f"{LOG_PREFIX} [sparlora.adapters] lora: 517632 of 2472709 parameters trainable (20.934%)\n"
+            f"{LOG_PREFIX} [sparlora.adapters]   feed_forward.w_1.lora_A: 32768 trainable\n"
+            f"{LOG_PREFIX} [__main__] lora initialization took 0.734 s\n")
+
+    assert parse_trainable(text) == (517632, 2472709)
+    assert parse_init_seconds(text) == 0.734
+    assert parse_trainable("nothing here") is None
+    assert parse_init_seconds("nothing here") is None
+
+
+def test_convergence_epoch():
+    records = parse_epoch_records(epoch_line(1, 0.5, 1) + epoch_line(2, 0.3, 2) + epoch_line(3, 0.2, 3))
+
+    assert convergence_epoch(records, 0.3) == 2
+    assert convergence_epoch(records, 0.6) == 1
+    assert convergence_epoch(records, 0.1) is None
+
+
+# --- run folders
+
+
+def test_runs_read(report):
+    runs = {run.tag: run for run in report.runs}
+
+    assert sorted(runs) == ["full_r0", "lora_r16", "lora_r16_train_10h", "lora_r8", "sparlora_dft_r16",
+                            "sparlora_r16", "sparlora_r8"]
+    assert runs["sparlora_r16"].trainable == 2000
+    assert runs["sparlora_r16"].init_seconds == 0.202
+    assert [record["dev_cer"] for record in runs["sparlora_r16"].epochs] == [0.35, 0.27, 0.25]
+    assert runs["lora_r16"].scores["sc_test"].errors == 2
+    assert runs["full_r0"].rank == 0
+
+
+def test_reference_runs(report):
+    runs = {run.tag: run for run in report.runs}
+
+    assert reference_run(runs["sparlora_r8"], report.runs, "lora").tag == "lora_r8"
+    assert reference_run(runs["full_r0"], report.runs, "lora").tag == "lora_r16"
+    assert reference_run(runs["lora_r16_train_10h"], report.runs, "lora").tag == "lora_r16_train_10h"
+    assert reference_run(runs["sparlora_dft_r16"], report.runs, "pissa") is None
+
+
+def test_differing_settings(report):
+    runs = {run.tag: run for run in report.runs}
+
+    assert differing_settings(report.runs) == ["train.epochs"]
+    assert differing_settings([runs["lora_r16"], runs["sparlora_r16"]]) == []
+
+
+# --- RESULTS.md tables
+
+
+def test_cer_table_rows(report):
+    text = results_markdown(report, "toy", command=["compare"])
+
+    assert rows(text, "| method | rank | train split | sc_test CER %") == [
+        "| base model (zero-shot) | – | – | 27.78 | 20.00 |",
+        "| lora | 8 | train | 16.67 | 0.00 |",
+        "| lora | 16 | train | 11.11 | 0.00 |",
+        "| sparlora_dft | 16 | train | 16.67 | 0.00 |",
+        "| sparlora | 8 | train | 11.11 | 0.00 |",
+        "| sparlora | 16 | train | 5.56 | 20.00 |",
+        "| full | – | train | 5.56 | 20.00 |",
+        "| lora | 16 | train_10h | 16.67 | 0.00 |",
+    ]
+
+
+def test_comparison_rows(report):
+    text = results_markdown(report, "toy", command=["compare"])
+    # sparlora_r16 against lora_r16 on sc_test: errors per utterance 0 1 0 1 -> 0 0 0 1.
+    expected = paired_bootstrap([0, 1, 0, 1], [0, 0, 0, 1], [6, 5, 3, 4], resamples=1000, seed=0)
+    interval = f"[{100 * expected.relative_ci_low:+.1f}, {100 * expected.relative_ci_high:+.1f}]"
+
+    table = rows(text, "| method | rank | train split | test set |")
+
+    assert f"| sparlora | 16 | train | sc_test | 5.56 | 11.11 | -50.0 | {interval} | {expected.p_value:.3f} | 1.000 | 1 / 0 / 3 |" in table
+    # LoRA has CER 0 on cmn_test, so there is no relative change. A resample of the two
+    # utterances is as extreme as the observed +1/5 when it draws b1 never or twice,
+    # which has probability 1/2.
+    cmn = paired_bootstrap([0, 0], [1, 0], [2, 3], resamples=1000, seed=0)
+    assert cmn.p_value == pytest.approx(0.5, abs=0.05)
+    assert f"| sparlora | 16 | train | cmn_test | 20.00 | 0.00 | n/a | n/a | {cmn.p_value:.3f} | 1.000 | 0 / 1 / 1 |" in table
+    assert "| sparlora | 8 | train | sc_test | 11.11 | 16.67 | -33.3 |" in "\n".join(table)
+    assert "| full | – | train | sc_test | 5.56 | 11.11 | -50.0 |" in "\n".join(table)
+    assert not any(row.startswith("| lora |") for row in table)
+    assert len(table) == 8
+
+
+def test_cost_rows(report):
+    text = results_markdown(report, "toy", command=["compare"])
+
+    assert rows(text, "| method | rank | train split | trainable parameters") == [
+        "| lora | 8 | train | 1,000 | 0.990 | 0.101 | 4.50 | 3 | 40.00 | 3 (≤ 40.00%) |",
+        "| lora | 16 | train | 2,000 | 1.961 | 0.102 | 4.50 | 3 | 30.00 | 3 (≤ 30.00%) |",
+        "| sparlora_dft | 16 | train | 2,000 | 1.961 | n/a | 4.50 | 3 | 40.00 | not reached (≤ 30.00%) |",
+        "| sparlora | 8 | train | 1,000 | 0.990 | 0.201 | 4.50 | 3 | 30.00 | 2 (≤ 40.00%) |",
+        "| sparlora | 16 | train | 2,000 | 1.961 | 0.202 | 4.50 | 3 | 25.00 | 2 (≤ 30.00%) |",
+        "| full | – | train | 100,000 | 100.000 | n/a | 4.50 | 3 | 20.00 | 2 (≤ 30.00%) |",
+        "| lora | 16 | train_10h | n/a | n/a | n/a | 3.00 | 2 | 60.00 | 2 (≤ 60.00%) |",
+    ]
+
+
+def test_fixed_convergence_threshold(corpus, report):
+    fixed = build_report(report.runs, report.base, TEST_SETS, "train", 16, target_dev_cer=0.35, resamples=10)
+
+    table = rows(results_markdown(fixed, "toy", command=["compare"]), "| method | rank | train split | trainable parameters")
+
+    assert "first epoch at dev CER ≤ 35.00%" in results_markdown(fixed, "toy", command=["compare"])
+    assert table[4].endswith("| 1 (≤ 35.00%) |")
+
+
+def test_ablation_rows(report):
+    text = results_markdown(report, "toy", command=["compare"])
+
+    assert "## SPaRLoRA ablation (rank 16, train)" in text
+    assert rows(text, "| step | method config |") == [
+        "| LoRA | lora | Kaiming uniform | 0 | W | 11.11 | +0.0 | 0.00 | n/a |",
+        "| + DFT basis | sparlora_dft | r cosine DFT rows | 0 | W | 16.67 | +50.0 | 0.00 | n/a |",
+        "| + phase | sparlora_phase | r/2 cosine and r/2 sine DFT rows | 0 | W | not run |  | not run |  |",
+        "| + residual | sparlora | r/2 cosine and r/2 sine DFT rows | least squares fit of W | W - s·B·A "
+        "| 5.56 | -50.0 | 20.00 | n/a |",
+    ]
+
+
+def test_header_lines(report):
+    text = results_markdown(report, "toy", figures=[("dev CER", "dev.png")], command=["bash", "compare.sh"])
+
+    assert text.startswith("# Method comparison: toy\n")
+    assert "- command: `bash compare.sh`" in text
+    assert "- runs: 7; main training split: train; main rank: 16; training seed: 1234" in text
+    assert "- train settings that differ between runs: train.epochs" in text
+    assert text.endswith("## Figures\n\n![dev CER](dev.png)\n")
+
+
+# --- figures
+
+
+def test_dev_cer_plot(report, tmp_path):
+    runs = [run for run in report.runs if run.tag in ("lora_r16", "sparlora_r16")]
+
+    series = plot_dev_cer(runs, tmp_path / "dev.png")
+
+    assert series == {"lora_r16": ([1, 2, 3], [50.0, 40.0, 30.0]), "sparlora_r16": ([1, 2, 3], [35.0, 27.0, 25.0])}
+    assert (tmp_path / "dev.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rank_plot(report, tmp_path):
+    main_runs = [run for run in report.runs if run.train_split == "train"]
+
+    series = plot_cer_vs_rank(main_runs, TEST_SETS, tmp_path / "rank.png", report.base)
+
+    assert set(series) == set(TEST_SETS)
+    ranks, cers = series["sc_test"]["lora"]
+    assert ranks == [8, 16]
+    assert cers == pytest.approx([100 * 3 / 18, 100 * 2 / 18])
+    assert series["cmn_test"]["sparlora"] == ([8, 16], [0.0, 20.0])
+    assert series["sc_test"]["sparlora_dft"] == ([16], pytest.approx([100 * 3 / 18]))
+    assert "full" not in series["sc_test"]
+    assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rank_plot_needs_two_ranks(report, tmp_path):
+    single = [run for run in report.runs if run.rank in (0, 16) and run.train_split == "train"]
+
+    assert plot_cer_vs_rank(single, TEST_SETS, tmp_path / "rank.png") == {}
+    assert not (tmp_path / "rank.png").exists()
+
+
+def test_plots_without_dev_cer(tmp_path, report):
+    run = report.runs[0]
+    stripped = type(run)(**{**run.__dict__, "epochs": [{"epoch": 1, "minutes": 1.0}]})
+
+    assert plot_dev_cer([stripped], tmp_path / "dev.png") == {}
+    assert not (tmp_path / "dev.png").exists()
+
+
+# --- command line
+
+
+def test_main_writes_results_and_figures(corpus, tmp_path):
+    out = tmp_path / "RESULTS.md"
+
+    assert main(["--config", str(corpus / "compare.yaml"), "--resamples", "200", "--out", str(out),
+                 "--command", "bash scripts/compare_methods.sh --ranks '8 16'"]) == 0
+
+    text = out.read_text(encoding="utf-8")
+    assert "- command: `bash scripts/compare_methods.sh --ranks '8 16'`" in text
+    assert "| sparlora | 16 | train | 5.56 | 20.00 |" in text
+    assert "![dev CER per epoch, rank 16, train](dev_cer_per_epoch.png)" in text
+    assert "![test CER against rank, train](cer_vs_rank.png)" in text
+    assert (tmp_path / "dev_cer_per_epoch.png").is_file()
+    assert (tmp_path / "cer_vs_rank.png").is_file()
+
+
+def test_main_named_run_missing(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_run"):
+        main(["--config", str(corpus / "compare.yaml"), "--tags", "no_such_run", "--out", str(tmp_path / "R.md")])
+
+
+def test_run_without_decode_skipped(corpus, tmp_path, caplog):
+    make_run(tmp_path, "lora_r4", "lora", 4, "lora", [0.5])
+    (tmp_path / "lora_r4" / "decode_cmn_test" / "hyp").unlink()
+
+    runs = find_runs(tmp_path, corpus / "data", TEST_SETS)
+
+    assert runs == []
+    assert "skipping run lora_r4" in caplog.text

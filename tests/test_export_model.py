@@ -1,0 +1,152 @@
+"""Exports of stage 3 on the tiny Paraformer: the merged FunASR model dir and the PEFT adapter."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from sparlora.audio import load_audio
+from sparlora.kaldi_io import read_table
+from sparlora.model import MODEL_FILES
+from synth_utterances import write_test_split, write_utterances
+
+METHODS = {
+    "lora": dict(name="lora", type="lora", rank=4, alpha=8, init="default", target_modules="paraformer"),
+    "sparlora": dict(name="sparlora", type="lora", rank=4, alpha=8, init="sparlora", target_modules="paraformer",
+                     sparlora=dict(basis="dft_complex", select="lowest", b_init="lstsq", residual=True)),
+}
+
+
+def export_like_stage3(tiny_model_dir, method, exp_dir):
+    """Apply `method`, move the adapter away from its init as training would, then write both exports."""
+    from sparlora.adapters import (
+        apply_method,
+        changes_base_weights,
+        merged_state_dict,
+        save_adapter_for_original_base,
+        save_initial_adapter,
+    )
+    from sparlora.model import load_paraformer, save_model_dir
+
+    model, _ = load_paraformer(tiny_model_dir)
+    model = apply_method(model, method)
+    save_initial_adapter(model, exp_dir / "adapter_init")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    if changes_base_weights(method):
+        save_adapter_for_original_base(model, exp_dir / "adapter", exp_dir / "adapter_init")
+    else:
+        model.save_pretrained(str(exp_dir / "adapter"))
+    save_model_dir(merged_state_dict(copy.deepcopy(model)), tiny_model_dir, exp_dir / "final_model")
+
+
+@pytest.fixture(scope="module", params=sorted(METHODS))
+def exported(request, tmp_path_factory, tiny_model_dir):
+    """A fabricated recipe tree: data, base model, exp dir with exports and stage 4 hypotheses."""
+    from sparlora.decode import decode_manifest
+    from sparlora.model import load_paraformer
+
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
+    entries = write_utterances(root / "wavs", count=5)
+    manifest = write_test_split(root / "data", "sc_test", entries)
+    exp_dir = root / "exp" / "run"
+    export_like_stage3(tiny_model_dir, METHODS[request.param], exp_dir)
+    merged, kwargs = load_paraformer(exp_dir / "final_model")
+    decode_manifest(merged, kwargs, manifest, exp_dir / "decode_sc_test", 4, "cpu", 16000, "mean")
+    (root / "conf.yaml").write_text(
+        f"corpus:\n  test_splits: [sc_test]\ndata_dir: {root / 'data'}\nexp_root: {root / 'exp'}\ntag: run\n"
+        f"exp_dir: {exp_dir}\nmodel:\n  dir: {tiny_model_dir}\nmethod:\n  name: {request.param}\n"
+        "audio:\n  sample_rate: 16000\n  channel: mean\ndecode:\n  batch_size: 4\n  device: cpu\n",
+        encoding="utf-8",
+    )
+    return root, exp_dir, entries
+
+
+def test_final_model_files(exported):
+    _, exp_dir, _ = exported
+
+    assert sorted(path.name for path in (exp_dir / "final_model").iterdir()) == sorted(MODEL_FILES)
+
+
+def test_automodel_matches_stage4(exported):
+    from sparlora.export import automodel_transcripts
+
+    _, exp_dir, entries = exported
+    waveforms = [load_audio(entry.source) for entry in entries]
+    stage4 = dict(read_table(exp_dir / "decode_sc_test" / "hyp"))
+
+    texts = automodel_transcripts(exp_dir / "final_model", waveforms)
+
+    assert texts == [stage4[entry.key] for entry in entries]
+    assert all(texts)
+
+
+def test_adapter_on_original_base(exported, tiny_model_dir):
+    from sparlora.export import check_adapter
+
+    _, exp_dir, entries = exported
+
+    check = check_adapter(tiny_model_dir, exp_dir / "adapter", exp_dir / "final_model", entries, 16000, "mean", batch_size=2)
+
+    assert check.transcripts_equal == len(entries)
+    assert check.max_encoder_difference <= 1e-5
+    assert check.passed
+
+
+def test_adapter_changes_the_model(exported, tiny_model_dir):
+    # Guards the two tests above against a merged model that equals the base model.
+    from sparlora.data import AsrDataset
+    from sparlora.export import encoder_outputs
+    from sparlora.model import load_paraformer
+
+    _, exp_dir, entries = exported
+    base, kwargs = load_paraformer(tiny_model_dir)
+    merged, _ = load_paraformer(exp_dir / "final_model")
+    dataset = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
+
+    differences = [(a - b).abs().max().item() for a, b in zip(encoder_outputs(base, dataset), encoder_outputs(merged, dataset))]
+
+    assert min(differences) > 1e-2
+
+
+def test_export_main_passes(exported, tmp_path):
+    from sparlora.export import main
+
+    root, exp_dir, entries = exported
+    out = tmp_path / "exported_model"
+
+    assert main(["--config", str(root / "conf.yaml"), "--out", str(out)]) == 0
+
+    report = (exp_dir / "export_check.txt").read_text(encoding="utf-8")
+    assert f"funasr.AutoModel transcripts equal to stage 4 ({exp_dir / 'decode_sc_test' / 'hyp'}): 5 of 5" in report
+    assert "transcripts equal to the merged model: 5 of 5" in report
+    assert report.endswith("result: passed\n")
+    assert sorted(path.name for path in out.iterdir()) == sorted(MODEL_FILES)
+    assert not any(path.is_symlink() for path in out.iterdir())
+
+
+def test_export_main_detects_changed_hypothesis(exported, tmp_path):
+    from sparlora.export import main
+
+    root, exp_dir, entries = exported
+    hyp = exp_dir / "decode_sc_test" / "hyp"
+    saved = tmp_path / "hyp"
+    shutil.copyfile(hyp, saved)
+    lines = hyp.read_text(encoding="utf-8").splitlines()
+    lines[0] = f"{entries[0].key} 巴适"
+    hyp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    try:
+        with pytest.raises(RuntimeError, match="export check failed"):
+            main(["--config", str(root / "conf.yaml")])
+    finally:
+        shutil.copyfile(saved, hyp)
+
+    report = (exp_dir / "export_check.txt").read_text(encoding="utf-8")
+    assert f"4 of 5\n  differing utterances: {entries[0].key}\n" in report
+    assert report.endswith("result: FAILED\n")
