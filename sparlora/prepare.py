@@ -479,6 +479,16 @@ def _check_audio(
     return kept
 
 
+def speakers_sorted_with_utterances(speakers_in_utterance_order: Sequence[str]) -> bool:
+    """Return True when sorting by utterance id also sorts by speaker and keeps each speaker's utterances together."""
+    previous: str | None = None
+    for speaker in speakers_in_utterance_order:
+        if previous is not None and speaker < previous:
+            return False
+        previous = speaker
+    return True
+
+
 def _write_outputs(
     dst: Path,
     kept: list[_Candidate],
@@ -509,6 +519,12 @@ def _write_outputs(
     for candidate in kept:
         spk2utt.setdefault(speakers[candidate.id], []).append(candidate.id)
     write_table(dst / "spk2utt", [(spk, " ".join(utts)) for spk, utts in sorted(spk2utt.items())])
+    if not speakers_sorted_with_utterances([speakers[c.id] for c in kept]):
+        # This recipe reads the tables by key, but Kaldi's tools need both orders to agree.
+        logger.warning(
+            "%s: the speakers of utt2spk are not in the order of spk2utt, which Kaldi's validate_data_dir.sh "
+            "rejects; make every utterance id start with its speaker id and a '-' to use the dir with Kaldi", dst
+        )
 
     durations = []
     for candidate in kept:

@@ -514,3 +514,15 @@ def test_invalid_table_removes_stale_outputs(tmp_path):
     assert not (dst / "text").exists()
     assert not (dst / "wav.scp").exists()
     assert "duplicate" in (dst / "prep_report.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(("speakers", "expected"), [
+    (["a", "a", "b"], True),
+    (["b", "a"], False),
+    (["a", "b", "a"], False),
+    ([], True),
+])
+def test_speaker_order_check(speakers, expected):
+    from sparlora.prepare import speakers_sorted_with_utterances
+
+    assert speakers_sorted_with_utterances(speakers) is expected
