@@ -7,7 +7,7 @@ command_line="bash scripts/compare_methods.sh $(printf '%q ' "$@")"
 cd "$(dirname "$0")/.."
 
 config=conf/demo.yaml
-methods="lora sparlora_dft sparlora_phase sparlora pissa olora dora"
+methods="lora sparlora_dft sparlora_phase sparlora sparlora_random pissa olora dora adalora full"
 ranks=32
 train_splits=""
 reference_method=lora
