@@ -141,6 +141,21 @@ class AsrDataset(torch.utils.data.Dataset):
         return self.entries[index].key, self.features(index), self.token_ids(index)
 
 
+class DatasetSubset:
+    """A subset of an AsrDataset's utterances with the same interface, sharing its feature cache."""
+
+    def __init__(self, dataset: AsrDataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.entries = [dataset.entries[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+
 def collate(items) -> dict:
     """Pad a list of (key, features, token ids) into the Paraformer's forward arguments."""
     keys = [key for key, _, _ in items]
@@ -161,6 +176,8 @@ class DurationBatchSampler(torch.utils.data.Sampler):
     Utterances are sorted by length and cut into batches whose padded size (longest
     utterance x batch size) stays within `max_frames`. The batch order is shuffled with
     `seed + epoch`. An utterance longer than `max_frames` forms a batch of its own.
+    Under DDP every rank builds these same global batches and trains on its slice of
+    each (`sparlora.distributed.shard`).
     """
 
     def __init__(self, lengths: Sequence[int], max_frames: int, seed: int, shuffle: bool = True):

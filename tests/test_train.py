@@ -160,6 +160,18 @@ def test_resume_rejects_changed_settings(tmp_path):
     check_resumable(tmp_path, changed, resume=False)
 
 
+def test_resume_accepts_new_default_setting(tmp_path):
+    from sparlora.train import check_resumable
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    saved = {"method": {"rank": 32}, "train": {"lr_max": 0.002}}
+    (tmp_path / "train_signature.json").write_text(json.dumps(saved), encoding="utf-8")
+    check_resumable(tmp_path, {"method": {"rank": 32}, "train": {"lr_max": 0.002, "precision": "fp32"}}, resume=True)
+    with pytest.raises(RuntimeError, match=r"other settings \(train\.precision\)"):
+        check_resumable(tmp_path, {"method": {"rank": 32}, "train": {"lr_max": 0.002, "precision": "bf16"}}, resume=True)
+
+
 def test_invalid_train_options_rejected():
     with pytest.raises(ValueError, match="train.accum_grad"):
         TrainOptions(accum_grad=0)
@@ -191,3 +203,152 @@ def test_max_minutes_counts_across_resume(tiny_model_dir, wav_entries, tmp_path)
     torch_module.save(state, tmp_path / "f" / "checkpoints" / "last.pt")
     _, steps = run_training(tiny_model_dir, wav_entries, tmp_path / "f", LORA, max_minutes=10)
     assert steps == []
+
+
+def record_optimizer_lrs(monkeypatch) -> list[float]:
+    """Record the learning rate that the optimizer holds at each AdamW step."""
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return lrs
+
+
+def test_schedule_applied_in_training(tiny_model_dir, wav_entries, tmp_path, monkeypatch):
+    lrs = record_optimizer_lrs(monkeypatch)
+    _, steps = run_training(tiny_model_dir, wav_entries, tmp_path / "lr", LORA, accum_grad=2)
+
+    # 5 batches per epoch with accum_grad 2 give 3 optimizer steps per epoch, the last
+    # one after a single batch. That is 6 steps in 2 epochs, with warmup 3, lr_max 1e-3
+    # and lr_min 1e-5.
+    assert [s for s, _, _ in steps] == [1, 2, 3, 4, 5, 6]
+    decay = [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / 3)) for k in (1, 2, 3)]
+    expected = [1e-3 / 3, 2e-3 / 3, 1e-3, *decay]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert decay[-1] == pytest.approx(1e-5, rel=1e-12)
+    assert [lr for _, _, lr in steps] == lrs
+
+
+def test_schedule_without_warmup():
+    assert warmup_cosine_lr(1, 5, 0, 1e-3, 0.0) == pytest.approx(0.5e-3 * (1 + math.cos(math.pi / 5)), rel=1e-12)
+    assert warmup_cosine_lr(5, 5, 0, 1e-3, 0.0) == pytest.approx(0.0, abs=1e-18)
+
+
+def nan_loss_for(keys: set[str] | None, real_forward):
+    """Return a forward_loss stand-in whose loss is NaN for batches with any of `keys` (None: every batch)."""
+
+    def forward(model, batch, device):
+        loss, stats, weight = real_forward(model, batch, device)
+        if keys is None or keys & set(batch["keys"]):
+            loss = loss * float("nan")
+        return loss, stats, weight
+
+    return forward
+
+
+def test_nan_batch_skipped_and_counted(tiny_model_dir, wav_entries, tmp_path, monkeypatch):
+    import sparlora.train as train_module
+
+    monkeypatch.setattr(train_module, "forward_loss", nan_loss_for({"u3"}, train_module.forward_loss))
+    model, steps = run_training(tiny_model_dir, wav_entries, tmp_path / "nan", LORA)
+
+    assert [s for s, _, _ in steps] == list(range(1, 9))
+    state = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=False)
+    history = state["position"]["history"]
+    assert [record["skipped_batches"] for record in history] == [1, 1]
+    assert [record["skipped_updates"] for record in history] == [1, 1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_steps_stop_training(tiny_model_dir, wav_entries, tmp_path, monkeypatch):
+    import sparlora.train as train_module
+
+    seed_everything(0)
+    model, kwargs = load_paraformer(tiny_model_dir)
+    dataset = AsrDataset(wav_entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
+    opts = TrainOptions(epochs=2, lr_max=1e-3, lr_min=1e-5, warmup_steps=3, max_frames_per_batch=300, seed=7,
+                        log_interval=100, max_bad_steps=3)
+    model = apply_method(model, LORA)
+    monkeypatch.setattr(train_module, "forward_loss", nan_loss_for(None, train_module.forward_loss))
+    with pytest.raises(train_module.BadStepLimit) as raised:
+        train_model(model, dataset, None, opts, tmp_path / "bad", kwargs["tokenizer"], kwargs["frontend"])
+
+    from sparlora.data import DurationBatchSampler
+
+    sampler = DurationBatchSampler([e.source_len for e in wav_entries], 300, 7)
+    sampler.set_epoch(1)
+    third_batch = [wav_entries[i].key for i in list(sampler)[2]]
+    message = str(raised.value)
+    assert "3 updates in a row were skipped (train.max_bad_steps=3). The last" in message
+    assert "non-finite loss at optimizer step 1, epoch 1, batch 3" in message
+    assert f"with utterances {', '.join(third_batch)}." in message
+
+
+def test_fp16_on_cpu_rejected(tiny_model_dir, wav_entries, tmp_path):
+    with pytest.raises(ValueError, match=r"train.precision=fp16 needs a CUDA device, but training runs on cpu\. Use train.precision=bf16 or fp32 on CPU\."):
+        run_training(tiny_model_dir, wav_entries, tmp_path / "fp16", LORA, precision="fp16")
+
+
+def test_invalid_precision_rejected():
+    with pytest.raises(ValueError, match=r"invalid train.precision 'fp8': expected one of fp32, bf16, fp16"):
+        TrainOptions(precision="fp8")
+
+
+def test_bf16_autocast_on_cpu(tiny_model_dir, wav_entries, tmp_path):
+    _, fp32_steps = run_training(tiny_model_dir, wav_entries, tmp_path / "fp32", LORA, max_steps=3)
+    _, bf16_steps = run_training(tiny_model_dir, wav_entries, tmp_path / "bf16", LORA, max_steps=3, precision="bf16")
+
+    assert [s for s, _, _ in bf16_steps] == [1, 2, 3]
+    fp32_loss, bf16_loss = fp32_steps[0][1], bf16_steps[0][1]
+    assert math.isfinite(bf16_loss)
+    assert bf16_loss != fp32_loss  # autocast changed the arithmetic
+    assert bf16_loss == pytest.approx(fp32_loss, rel=0.05)
+
+
+def test_specaug_only_in_training(tiny_model_dir, wav_entries):
+    from sparlora.data import collate
+    from sparlora.train import configure_specaug, dataset_loss, forward_loss
+
+    model, kwargs = load_paraformer(tiny_model_dir)
+    plain, _ = load_paraformer(tiny_model_dir)
+    configure_specaug(model, True)
+    configure_specaug(plain, False)
+    assert type(model.specaug).__name__ == "SpecAugLFR"
+    assert plain.specaug is None
+    dataset = AsrDataset(wav_entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
+
+    rng_before = torch.get_rng_state()
+    with_specaug = dataset_loss(model, dataset, 300, "cpu")
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert with_specaug == dataset_loss(plain, dataset, 300, "cpu")
+
+    batch = collate([dataset[i] for i in range(4)])
+    model.train()
+    plain.train()
+    torch.manual_seed(3)
+    augmented = forward_loss(model, batch, "cpu")[0].item()
+    torch.manual_seed(3)
+    clean = forward_loss(plain, batch, "cpu")[0].item()
+    assert augmented != clean
+
+
+def test_dev_cer_unchanged_by_specaug(tiny_model_dir, wav_entries):
+    from sparlora.decode import decode_dataset
+    from sparlora.train import configure_specaug, dev_cer
+
+    model, kwargs = load_paraformer(tiny_model_dir)
+    plain, _ = load_paraformer(tiny_model_dir)
+    configure_specaug(model, True)
+    configure_specaug(plain, False)
+    dataset = AsrDataset(wav_entries[:4], kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
+    model.train()
+    hyps = decode_dataset(model, dataset, kwargs["tokenizer"], kwargs["frontend"], 32, "cpu", progress=False)
+    assert hyps == decode_dataset(plain, dataset, kwargs["tokenizer"], kwargs["frontend"], 32, "cpu", progress=False)
+    assert any(hyps.values())  # the random model emits tokens, which SpecAugment would change
+    cer = dev_cer(model, dataset, kwargs["tokenizer"], kwargs["frontend"], "cpu")
+    assert cer == dev_cer(plain, dataset, kwargs["tokenizer"], kwargs["frontend"], "cpu")
+    assert model.training
