@@ -9,6 +9,7 @@ stage=0
 stop_stage=5
 config=conf/demo.yaml
 skip_setup=false
+nproc=1
 
 help_message="Usage: bash run.sh [options] [hydra overrides...]
 
@@ -27,6 +28,9 @@ Options:
   --config FILE     recipe config (default: $config); it may sit anywhere and use the
                     method/ configs of conf/
   --skip-setup BOOL true: do not check or install the environment (default: $skip_setup)
+  --nproc N         processes for stage 3 on this machine (default: $nproc); N > 1 trains
+                    with DDP through torchrun (gloo on CPU, one GPU each with NCCL); on CPU
+                    set train.num_threads to cores / N
 
 Hydra overrides after the options change any config value, for example:
   bash run.sh --stage 3 method.rank=8 train.epochs=2
@@ -42,6 +46,10 @@ for option in stage stop_stage; do
     exit 1
   fi
 done
+if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$0: invalid --nproc '$nproc': expected a positive integer" >&2
+  exit 1
+fi
 if [ "$stage" -gt "$stop_stage" ]; then
   echo "$0: --stage $stage is after --stop-stage $stop_stage; nothing to run" >&2
   exit 1
@@ -104,7 +112,11 @@ stage0() {
 run_stage 0 "data preparation" stage0
 run_stage 1 "text normalization" python -m sparlora.text --config "$config" "${overrides[@]}"
 run_stage 2 "pretrained model and manifests" python -m sparlora.manifest --config "$config" "${overrides[@]}"
-run_stage 3 "training" python -m sparlora.train --config "$config" "${overrides[@]}"
+train_cmd=(python -m sparlora.train)
+if [ "$nproc" -gt 1 ]; then
+  train_cmd=(torchrun --standalone --nproc_per_node "$nproc" -m sparlora.train)
+fi
+run_stage 3 "training" "${train_cmd[@]}" --config "$config" "${overrides[@]}"
 run_stage 4 "decoding" python -m sparlora.decode --config "$config" "${overrides[@]}"
 run_stage 5 "scoring" python -m sparlora.score --config "$config" "${overrides[@]}"
 

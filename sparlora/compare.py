@@ -36,6 +36,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from sparlora.kaldi_io import atomic_write_text, read_table
+from sparlora.noise import decode_split_names
 from sparlora.score import ScoreResult, cer_counts, provenance_lines
 from sparlora.stats import BootstrapResult, SignTestResult, paired_bootstrap, sign_test
 from sparlora.text import TextNormConfig
@@ -538,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     exp_root, data_dir = Path(cfg.exp_root), Path(cfg.data_dir)
-    test_sets = [str(name) for name in cfg.corpus.test_splits]
+    test_sets = decode_split_names(cfg)
     runs = find_runs(exp_root, data_dir, test_sets, args.tags)
     if not runs:
         raise FileNotFoundError(f"no finished run found in {exp_root}; run scripts/compare_methods.sh or run.sh stages 3-5 first")

@@ -112,8 +112,13 @@ def extract_features(frontend, waveform: torch.Tensor) -> torch.Tensor:
 class AsrDataset(torch.utils.data.Dataset):
     """Utterances of a manifest as (key, features, token ids), with features cached in memory."""
 
-    def __init__(self, entries: Sequence[ManifestEntry], frontend, tokenizer, sample_rate: int, channel, cache: bool = True):
+    def __init__(self, entries: Sequence[ManifestEntry], frontend, tokenizer, sample_rate: int, channel, cache: bool = True,
+                 augment=None):
+        """`augment(waveform, key, epoch)`, when given, adds noise to each waveform as it is
+        loaded (`sparlora.noise.NoiseAugmenter`); features are then never cached."""
         self.entries = list(entries)
+        self.augment = augment
+        self.epoch = 1  # the trainer sets it, so the noise of each epoch differs
         self.frontend = frontend
         self.tokenizer = tokenizer
         self.sample_rate = sample_rate
@@ -125,12 +130,14 @@ class AsrDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def features(self, index: int) -> torch.Tensor:
-        if index in self._features:
+        if self.augment is None and index in self._features:
             return self._features[index]
         entry = self.entries[index]
         waveform = load_audio(entry.source, entry.start, entry.end, sample_rate=self.sample_rate, channel=self.channel)
+        if self.augment is not None:
+            waveform = self.augment(waveform, entry.key, self.epoch)
         feats = extract_features(self.frontend, torch.from_numpy(waveform))
-        if self.cache:
+        if self.cache and self.augment is None:
             self._features[index] = feats
         return feats
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from sparlora.data import FRAME_SHIFT_SECONDS, AsrDataset, collate, read_manifest
 from sparlora.kaldi_io import write_table
+from sparlora.noise import decode_split_names
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(cfg.train.num_threads)
     data_dir = Path(cfg.data_dir)
 
-    manifests = {str(name): data_dir / str(name) / "data.jsonl" for name in cfg.corpus.test_splits}
+    checkpoint = str(cfg.decode.checkpoint)
+    if checkpoint not in ("final", "last", "base"):
+        raise ValueError(f"invalid decode.checkpoint {checkpoint!r}: expected final, last or base")
+    manifests = {str(name): data_dir / str(name) / "data.jsonl" for name in decode_split_names(cfg)}
     missing = [str(path) for path in manifests.values() if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"test manifests not found: {', '.join(missing)}; run stage 2 first")
@@ -132,8 +136,12 @@ def main(argv=None) -> int:
     # test set, the extra ones added later (noisy copies, for example) included, is
     # decoded again only when the model, its manifest or a decoding setting changed.
     models = {"base": (Path(cfg.model.dir), Path(cfg.exp_root) / "base")}
-    if cfg.decode.checkpoint != "base":
-        models["finetuned"] = (Path(cfg.exp_dir) / "final_model", Path(cfg.exp_dir))
+    if checkpoint != "base":
+        # last_model exists only when stage 3 averaged checkpoints into final_model.
+        last_dir = Path(cfg.exp_dir) / "last_model"
+        chosen = last_dir if checkpoint == "last" and last_dir.is_dir() else Path(cfg.exp_dir) / "final_model"
+        logger.info("decoding with %s", chosen)
+        models["finetuned"] = (chosen, Path(cfg.exp_dir))
     settings = f"sample_rate={cfg.audio.sample_rate} channel={cfg.audio.channel} batch_size={cfg.decode.batch_size} device={device}"
     for label, (model_dir, exp_dir) in models.items():
         if not (model_dir / "model.pt").is_file():

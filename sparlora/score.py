@@ -41,6 +41,7 @@ from typing import Mapping, Sequence
 import jiwer
 
 from sparlora.kaldi_io import atomic_write_text, read_table
+from sparlora.noise import decode_split_names
 from sparlora.text import TextNormConfig, normalize_text
 
 logger = logging.getLogger(__name__)
@@ -416,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finetuned = cfg.decode.checkpoint != "base"
 
     sections = {}
-    for test_set in cfg.corpus.test_splits:
+    for test_set in decode_split_names(cfg):
         ref_path = Path(cfg.data_dir) / test_set / "text"
         base_decode = base_dir / f"decode_{test_set}"
         base = score_test_set(ref_path, base_decode / "hyp", base_decode, test_set, norm_cfg)

@@ -108,6 +108,7 @@ def run_signature(cfg) -> dict:
         "model": str(cfg.model.name_or_path),
         "train_split": str(cfg.corpus.train_split),
         "data_dir": str(cfg.data_dir),
+        "noise_train": OmegaConf.to_container(cfg.noise.train, resolve=True) if OmegaConf.select(cfg, "noise.train") else None,
     }
 
 
@@ -510,6 +511,8 @@ class Trainer:
         opts = self.opts
         self.model.train()
         self.sampler.set_epoch(epoch)
+        dataset = getattr(self.train_set, "dataset", self.train_set)
+        dataset.epoch = epoch  # noise augmentation draws per (epoch, utterance)
         batches = list(self.sampler)
         resuming = epoch == self.position["epoch"]
         first_batch = self.position["batches_done"] + 1 if resuming else 1
@@ -732,19 +735,28 @@ def main(argv=None) -> int:
     model, kwargs = load_paraformer(model_dir, device=device, num_threads=cfg.train.num_threads)
     configure_specaug(model, bool(cfg.train.specaug))
 
+    from sparlora.noise import NoiseAugmenter
+
     data_dir = Path(cfg.data_dir)
-    make_set = lambda split: AsrDataset(read_manifest(data_dir / split / "data.jsonl"), kwargs["frontend"],  # noqa: E731
-                                        kwargs["tokenizer"], cfg.audio.sample_rate, cfg.audio.channel)
-    train_set = make_set(cfg.corpus.train_split)
+    augment = NoiseAugmenter.from_config(cfg)
+    make_set = lambda split, augment=None: AsrDataset(  # noqa: E731
+        read_manifest(data_dir / split / "data.jsonl"), kwargs["frontend"], kwargs["tokenizer"], cfg.audio.sample_rate,
+        cfg.audio.channel, augment=augment)
+    train_set = make_set(cfg.corpus.train_split, augment)
     dev_set = make_set(cfg.corpus.dev_split) if cfg.corpus.dev_split else None
+    if augment is not None:
+        logger.info("noise augmentation: probability %g, SNRs %s dB, noise from %s; training features are not cached",
+                    augment.probability, list(augment.snrs_db), cfg.noise.dir)
 
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    model = apply_method(model, method, total_steps=count_optimizer_steps(train_set, opts))
-    model.to(device)
-    is_adapter = isinstance(model, PeftModel)
-    if is_adapter and context.is_main:
-        save_initial_adapter(model, exp_dir / "adapter_init")
     with log_to_file(exp_dir / "train.log") if context.is_main else contextlib.nullcontext():
+        init_start = time.perf_counter()
+        model = apply_method(model, method, total_steps=count_optimizer_steps(train_set, opts))
+        logger.info("%s initialization took %.3f s", method.get("name", method.get("type", "lora")), time.perf_counter() - init_start)
+        model.to(device)
+        is_adapter = isinstance(model, PeftModel)
+        if is_adapter and context.is_main:
+            save_initial_adapter(model, exp_dir / "adapter_init")
         history = train_model(model, train_set, dev_set, opts, exp_dir, kwargs["tokenizer"], kwargs["frontend"], device,
                               dist_context=context)
         if context.is_main:

@@ -137,3 +137,15 @@ def test_stage4_redecodes_changed_settings(tmp_path, tiny_model_dir, utterances,
 
     assert "up to date" not in caplog.text
     assert "decoding t with the base model" in caplog.text
+
+
+def test_invalid_decode_checkpoint_rejected(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "sparlora.decode", "--config", "conf/demo.yaml", "decode.checkpoint=best",
+                             f"data_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "invalid decode.checkpoint 'best': expected final, last or base" in result.stderr

@@ -95,3 +95,23 @@ def test_decode_fingerprint_tracks_settings(tmp_path):
     assert first != decode_fingerprint(model, [manifest], "sample_rate=8000 channel=mean")
     model.write_bytes(b"other weights")
     assert first != decode_fingerprint(model, [manifest], "sample_rate=16000 channel=mean")
+
+
+def test_augmented_dataset_not_cached(tiny_model_dir, tmp_path):
+    _, kwargs = load_paraformer(tiny_model_dir)
+    wav = one_second_wav(tmp_path / "a.wav")
+    calls = []
+
+    def augment(waveform, key, epoch):
+        calls.append((key, epoch))
+        return waveform * 0.5
+
+    entries = [ManifestEntry("a", str(wav), "今天", 100, 2)]
+    plain = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
+    noisy = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], 16000, "mean", augment=augment)
+    noisy.epoch = 3
+    first = noisy.features(0)
+    noisy.features(0)
+    assert calls == [("a", 3), ("a", 3)]
+    assert not noisy._features
+    assert not torch.equal(first, plain.features(0))

@@ -30,6 +30,8 @@ def test_help_lists_stages():
     (["--stages", "1"], "invalid option --stages"),
     (["--stage=1"], "write options as '--name value'"),
     (["--config", "nosuch.yaml"], "config file not found: nosuch.yaml"),
+    (["--nproc", "0"], "invalid --nproc '0'"),
+    (["--nproc", "two"], "invalid --nproc 'two'"),
 ])
 def test_invalid_options_rejected(args, message):
     result = run_sh(*args)
