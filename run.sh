@@ -85,27 +85,26 @@ run_stage() {
   fi
 }
 
-stage0() {
-  local source_dir make_cmd
-  source_dir=$(cfg corpus.source_dir)
-  make_cmd=$(cfg corpus.make_cmd)
-  if [ "$make_cmd" != None ] && [ ! -e "$source_dir/.complete" ]; then
-    log "creating the corpus in $source_dir: $make_cmd"
+# make_once DIR_KEY CMD_KEY WHAT: run the config's CMD_KEY command unless DIR_KEY's folder
+# has a .complete marker (a corpus or noise set that the recipe can make itself).
+make_once() {
+  local dir make_cmd
+  dir=$(cfg "$1")
+  make_cmd=$(cfg "$2")
+  if [ "$make_cmd" != None ] && [ ! -e "$dir/.complete" ]; then
+    log "creating the $3 in $dir: $make_cmd"
     bash -c "$make_cmd"
-    touch "$source_dir/.complete"
+    touch "$dir/.complete"
   fi
+}
+
+stage0() {
+  make_once corpus.source_dir corpus.make_cmd corpus
   python -m sparlora.prepare --config "$config" "${overrides[@]}"
   # Speaker-disjoint splits and duration subsets (corpus.speaker_split, corpus.subsets).
   python -m sparlora.splits --config "$config" "${overrides[@]}"
-  # Noisy copies of test sets (noise.test); the noise set is made first when it has a make_cmd.
-  local noise_dir noise_make_cmd
-  noise_dir=$(cfg noise.dir)
-  noise_make_cmd=$(cfg noise.make_cmd)
-  if [ "$noise_make_cmd" != None ] && [ ! -e "$noise_dir/.complete" ]; then
-    log "creating the noise set in $noise_dir: $noise_make_cmd"
-    bash -c "$noise_make_cmd"
-    touch "$noise_dir/.complete"
-  fi
+  # Noisy copies of test sets (noise.test), after making the noise set if it has a make_cmd.
+  make_once noise.dir noise.make_cmd "noise set"
   python -m sparlora.noise --config "$config" "${overrides[@]}"
 }
 
