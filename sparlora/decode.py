@@ -4,8 +4,9 @@ Features come from `sparlora.data.extract_features` (the training path), batches
 decoded with `Paraformer.inference(..., data_type="fbank")`: encoder, CIF predictor,
 then one decoder pass and an argmax per predicted token. Hypotheses are written as a
 Kaldi table `decode_<set>/hyp` (`uttid text`, text may be empty) beside `ref`, for every
-test set of `corpus.test_splits`, with the base model into `<exp_root>/base/` and with
-the fine-tuned model into the experiment folder. `decode_<set>/fingerprint` records the
+test set of `corpus.test_splits` and each noisy copy that `noise.test` configures, with
+the base model into `<exp_root>/base/` and with the fine-tuned model (`decode.checkpoint`)
+into the experiment folder. `decode_<set>/fingerprint` records the
 model file, the manifest and the decoding settings, and a rerun skips a test set whose
 fingerprint is unchanged.
 """
