@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 from sparlora.audio import AudioInfo, audio_info, load_audio
 from sparlora.kaldi_io import atomic_write_text, read_table, write_table
 from sparlora.prepare import STAGE1_FILES, read_data_dir
-from sparlora.splits import SubsetSummary, check_output_dir
+from sparlora.splits import SubsetSummary, _filter_rows, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def make_noisy_copies(
         (out_dir / "wav.scp").unlink(missing_ok=True)
     report_rows: list[list[str]] = [[] for _ in snrs]
     durations, limited = [], [0] * len(snrs)
-    kept, silent = [], []
+    voiced, silent = [], []
     for utt in tqdm(utterances, desc=f"noisy copies of {src.name}", leave=False):
         speech = load_audio(utt.source, utt.start, utt.end, sample_rate=rate, channel=channel)
         try:
@@ -315,7 +315,7 @@ def make_noisy_copies(
             logger.warning("%s; left out of the noisy copies", error)
             silent.append(utt.id)
             continue
-        kept.append(utt)
+        voiced.append(utt)
         segment = source.segment(len(speech), random.Random(f"{seed}/{utt.id}"))
         power = noise_power(segment.samples, f"noise {segment.path}")
         durations.append((utt.id, f"{len(speech) / rate:.3f}"))
@@ -329,9 +329,9 @@ def make_noisy_copies(
                 + (f", scaled by {factor:.4f} to avoid clipping" if factor < 1.0 else "")
             )
 
-    if not kept:
+    if not voiced:
         raise SilentSignalError(f"every utterance of {src} is silent: there is no speech to add noise to")
-    utterances = kept
+    utterances = voiced
     summaries = []
     for snr, out_dir, rows, count in zip(snrs, out_dirs, report_rows, limited):
         _write_noisy_tables(src, out_dir, [utt.id for utt in utterances], durations, rate)
@@ -360,9 +360,9 @@ def _write_noisy_tables(src: Path, dst: Path, ids: list[str], durations: list[tu
     wav_dir = (dst / "wav").resolve()
     write_table(dst / "wav.scp", [(utt, str(wav_dir / f"{utt}.wav")) for utt in ids])
     (dst / "segments").unlink(missing_ok=True)
-    keep = set(ids)
-    write_table(dst / "text", [(utt, value) for utt, value in read_table(src / "text") if utt in keep])
-    utt2spk = [(utt, speaker) for utt, speaker in read_table(src / "utt2spk") if utt in keep]
+    utterances = set(ids)
+    write_table(dst / "text", _filter_rows(read_table(src / "text"), utterances))
+    utt2spk = _filter_rows(read_table(src / "utt2spk"), utterances)
     write_table(dst / "utt2spk", utt2spk)
     spk2utt: dict[str, list[str]] = {}
     for utt, speaker in utt2spk:
@@ -370,10 +370,9 @@ def _write_noisy_tables(src: Path, dst: Path, ids: list[str], durations: list[tu
     write_table(dst / "spk2utt", [(speaker, " ".join(utts)) for speaker, utts in sorted(spk2utt.items())])
     write_table(dst / "utt2dur", durations)
     write_table(dst / "reco2sr_ch", [(utt, f"{rate} 1") for utt in ids])
-    speakers = set(spk2utt)
-    for name, wanted in (("spk2gender", speakers), ("text.raw", keep)):
+    for name, keys in (("spk2gender", set(spk2utt)), ("text.raw", utterances)):
         if (src / name).is_file():
-            write_table(dst / name, [(key, value) for key, value in read_table(src / name) if key in wanted])
+            write_table(dst / name, _filter_rows(read_table(src / name), keys))
         else:
             (dst / name).unlink(missing_ok=True)
     for name in STAGE1_FILES:

@@ -206,7 +206,7 @@ def test_max_minutes_counts_across_resume(tiny_model_dir, wav_entries, tmp_path)
 
 
 def record_optimizer_lrs(monkeypatch) -> list[float]:
-    """Record the learning rate that the optimizer holds at each AdamW step."""
+    """Record the learning rate that AdamW uses at each step."""
     lrs = []
     real_step = torch.optim.AdamW.step
 
