@@ -170,6 +170,8 @@ def load_checkpoint(path: Path, model, optimizer, frozen_digest: str, hooks=None
     on every rank, so the continuation is valid but not identical to an uninterrupted run.
     """
     state = torch.load(path, map_location="cpu", weights_only=False)
+    # NOTE: OLoRA's QR rounds differently with another torch thread count, so resuming an
+    # OLoRA run with a different train.num_threads fails this check.
     if state["frozen_digest"] != frozen_digest:
         raise RuntimeError(
             f"{path} was trained on other frozen weights than this run has (different base model or "
@@ -264,6 +266,8 @@ def merged_weight_key(layer_name: str) -> str:
 
 def _load_for_average(path: Path, frozen_digest: str) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=False)
+    # NOTE: OLoRA's QR rounds differently with another torch thread count, so resuming an
+    # OLoRA run with a different train.num_threads fails this check.
     if state["frozen_digest"] != frozen_digest:
         raise RuntimeError(f"{path} was trained on other frozen weights than this model has, so it cannot be averaged with it")
     return state["model"]
