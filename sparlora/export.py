@@ -15,7 +15,8 @@ This module checks both on the first N utterances of the first test set. It deco
 them with `funasr.AutoModel` from the model directory alone and compares the
 transcripts with stage 4's `decode_<set>/hyp`. It loads the original base model with
 `peft.PeftModel.from_pretrained` and the adapter, and compares its transcripts and
-encoder outputs with the merged model's. The outcome goes to `<exp_dir>/export_check.txt`.
+encoder outputs with the merged model of the last weights (`last_model/` when
+final_model is an average of epochs). The outcome goes to `<exp_dir>/export_check.txt`.
 A failed check ends the command with exit status 1. With `--out DIR`, the model directory
 is first copied to DIR with links resolved, and the copy is checked.
 """
@@ -68,6 +69,23 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
     for name in MODEL_FILES:
         shutil.copyfile(src / name, dst / name)
     return dst
+
+
+def merged_last_weights(exp_dir: Path, model_dir: Path) -> Path:
+    """Return the merged model dir with the last weights, which the adapter must reproduce.
+
+    The adapter holds the last weights. With `train.average_best` > 0, final_model is an
+    average of epochs (it then has averaged_checkpoints.json) and the last weights are in
+    `last_model/`; otherwise final_model (or its copy `model_dir`) has them.
+    """
+    if not (exp_dir / "final_model" / "averaged_checkpoints.json").is_file():
+        return model_dir
+    last_dir = exp_dir / "last_model"
+    missing = missing_model_files(last_dir)
+    if missing:
+        raise FileNotFoundError(f"{exp_dir / 'final_model'} is an average of epochs, so the adapter is checked against "
+                                f"{last_dir}, which lacks {', '.join(missing)}; run stage 3 again")
+    return last_dir
 
 
 def automodel_transcripts(model_dir: Path, waveforms: Sequence, device: str = "cpu") -> list[str]:
@@ -165,9 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     adapter_dir = exp_dir / "adapter"
     if (adapter_dir / "adapter_config.json").is_file():
-        check = check_adapter(Path(cfg.model.dir), adapter_dir, model_dir, entries, cfg.audio.sample_rate,
+        merged_dir = merged_last_weights(exp_dir, model_dir)
+        check = check_adapter(Path(cfg.model.dir), adapter_dir, merged_dir, entries, cfg.audio.sample_rate,
                               cfg.audio.channel, cfg.decode.batch_size, device)
-        lines.append(f"adapter {adapter_dir} on the base model {cfg.model.dir}: transcripts equal to the merged model: "
+        lines.append(f"adapter {adapter_dir} on the base model {cfg.model.dir}: transcripts equal to the merged model "
+                     f"{merged_dir}: "
                      f"{check.transcripts_equal} of {check.utterances}; max relative encoder output difference "
                      f"{check.max_encoder_difference:.2e} (allowed {ENCODER_TOLERANCE:.0e})")
         if check.differing_keys:

@@ -17,7 +17,22 @@ METHODS = {
     "lora": dict(name="lora", type="lora", rank=4, alpha=8, init="default", target_modules="paraformer"),
     "sparlora": dict(name="sparlora", type="lora", rank=4, alpha=8, init="sparlora", target_modules="paraformer",
                      sparlora=dict(basis="dft_complex", select="lowest", b_init="lstsq", residual=True)),
+    "dora": dict(name="dora", type="lora", rank=4, alpha=8, init="default", target_modules="paraformer", use_dora=True),
+    "adalora": dict(name="adalora", type="adalora", rank=2, alpha=8, init="default", target_modules="paraformer",
+                    adalora=dict(init_r=4, tinit=2, tfinal=2, deltaT=1)),
 }
+
+
+def prune_like_adalora(model):
+    """Mask AdaLoRA triplets as its rank allocator does at the end of a run: each layer keeps
+    a different number of its 4 triplets, one layer keeps none, so saving resizes every layer."""
+    # The allocator names parameters as the wrapped model does: no "base_model.model." prefix.
+    inner = model.base_model.model
+    names = [name for name, _ in inner.named_parameters() if ".lora_E." in name]
+    pattern = {name: [position < index % 5 for position in range(4)] for index, name in enumerate(names)}
+    assert any(not any(kept) for kept in pattern.values())
+    model.peft_config["default"].rank_pattern = pattern
+    model.base_model.rankallocator.mask_using_rank_pattern(inner, pattern)
 
 
 def export_like_stage3(tiny_model_dir, method, exp_dir):
@@ -32,13 +47,15 @@ def export_like_stage3(tiny_model_dir, method, exp_dir):
     from sparlora.model import load_paraformer, save_model_dir
 
     model, _ = load_paraformer(tiny_model_dir)
-    model = apply_method(model, method)
+    model = apply_method(model, method, total_steps=20 if method["type"] == "adalora" else None)
     save_initial_adapter(model, exp_dir / "adapter_init")
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    if method["type"] == "adalora":
+        prune_like_adalora(model)
     if changes_base_weights(method):
         save_adapter_for_original_base(model, exp_dir / "adapter", exp_dir / "adapter_init")
     else:
@@ -125,7 +142,7 @@ def test_export_main_passes(exported, tmp_path):
 
     report = (exp_dir / "export_check.txt").read_text(encoding="utf-8")
     assert f"funasr.AutoModel transcripts equal to stage 4 ({exp_dir / 'decode_sc_test' / 'hyp'}): 5 of 5" in report
-    assert "transcripts equal to the merged model: 5 of 5" in report
+    assert f"transcripts equal to the merged model {out}: 5 of 5" in report
     assert report.endswith("result: passed\n")
     assert sorted(path.name for path in out.iterdir()) == sorted(MODEL_FILES)
     assert not any(path.is_symlink() for path in out.iterdir())
@@ -150,3 +167,33 @@ def test_export_main_detects_changed_hypothesis(exported, tmp_path):
     report = (exp_dir / "export_check.txt").read_text(encoding="utf-8")
     assert f"4 of 5\n  differing utterances: {entries[0].key}\n" in report
     assert report.endswith("result: FAILED\n")
+
+
+def test_export_main_averaged_final_model(exported, tmp_path, tiny_model_dir):
+    # With train.average_best > 0, final_model is an average of epochs and the adapter
+    # (last weights) must be checked against last_model. Here final_model is made the base
+    # model, so a check against final_model would fail.
+    from sparlora.decode import decode_manifest
+    from sparlora.export import copy_model_dir, main
+    from sparlora.model import load_paraformer
+
+    root, _, entries = exported
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree)
+    (tree / "conf.yaml").write_text((root / "conf.yaml").read_text(encoding="utf-8").replace(str(root), str(tree)),
+                                    encoding="utf-8")
+    exp_dir = tree / "exp" / "run"
+    (exp_dir / "final_model").rename(exp_dir / "last_model")
+    copy_model_dir(tiny_model_dir, exp_dir / "final_model")
+    (exp_dir / "final_model" / "averaged_checkpoints.json").write_text('{"average_best": 2, "checkpoints": []}\n')
+    final, kwargs = load_paraformer(exp_dir / "final_model")
+    decode_manifest(final, kwargs, tree / "data" / "sc_test" / "data.jsonl", exp_dir / "decode_sc_test", 4, "cpu",
+                    16000, "mean")
+
+    assert main(["--config", str(tree / "conf.yaml")]) == 0
+    report = (exp_dir / "export_check.txt").read_text(encoding="utf-8")
+    assert f"transcripts equal to the merged model {exp_dir / 'last_model'}: 5 of 5" in report
+
+    shutil.rmtree(exp_dir / "last_model")
+    with pytest.raises(FileNotFoundError, match="last_model, which lacks config.yaml"):
+        main(["--config", str(tree / "conf.yaml")])
