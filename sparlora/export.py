@@ -74,7 +74,7 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
 def merged_last_weights(exp_dir: Path, model_dir: Path) -> Path:
     """Return the merged model dir with the last weights, which the adapter must reproduce.
 
-    The adapter holds the last weights. With `train.average_best` > 0, final_model is an
+    The adapter contains the last weights. With `train.average_best` > 0, final_model is an
     average of epochs (it then has averaged_checkpoints.json) and the last weights are in
     `last_model/`; otherwise final_model (or its copy `model_dir`) has them.
     """
