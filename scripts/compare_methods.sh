@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train and score every method x rank x training split with run.sh stages 3-5 on the
-# same data, seed and settings, then write exp/<corpus>/RESULTS.md with sparlora.compare.
+# Train and score every method x rank x training split, plus a rank sweep, with run.sh
+# stages 3-5 on the same data, seed and settings, then write exp/<corpus>/RESULTS.md with
+# sparlora.compare.
 set -euo pipefail
 caller_dir=$(pwd)
 command_line="bash scripts/compare_methods.sh $(printf '%q ' "$@")"
@@ -9,6 +10,8 @@ cd "$(dirname "$0")/.."
 config=conf/demo.yaml
 methods="lora sparlora_dft sparlora_phase sparlora sparlora_random pissa olora dora adalora full"
 ranks=32
+sweep_methods=sparlora
+sweep_ranks="8 16 32"
 train_splits=""
 reference_method=lora
 target_dev_cer=""
@@ -16,7 +19,8 @@ skip_setup=false
 
 help_message="Usage: bash scripts/compare_methods.sh [options] [hydra overrides...]
 
-Runs run.sh stages 3-5 once per method, rank and training split, with the tag
+Runs run.sh stages 3-5 once per method, rank and training split, and once per
+sweep method and sweep rank (a run already in the first set is not repeated), with the tag
 <method>_r<rank> (and _<split> for a split other than the config's corpus.train_split),
 then writes <exp_root>/RESULTS.md and its figures from every finished run folder of
 <exp_root>. A run whose previous command was the same and whose decodes all exist is
@@ -31,6 +35,10 @@ Options:
   --ranks LIST              ranks, space separated (default: \"$ranks\"); ignored for 'full'.
                             The dev CER figure and the ablation table use the config's
                             method.rank when it is listed, else the first rank listed
+  --sweep-methods LIST      methods that also run at every rank of --sweep-ranks, for
+                            the CER-against-rank figure (default: \"$sweep_methods\";
+                            \"\" for none)
+  --sweep-ranks LIST        ranks of the sweep (default: \"$sweep_ranks\")
   --train-splits LIST       prepared training splits, e.g. \"train_10h train\"
                             (default: the config's corpus.train_split)
   --reference-method NAME   method the others are compared with (default: $reference_method)
@@ -48,6 +56,36 @@ if [ ! -f "$config" ] && [ -f "$caller_dir/$config" ]; then
 fi
 if [ ! -f "$config" ]; then
   echo "$0: config file not found: $config" >&2
+  exit 1
+fi
+
+for method in $methods $sweep_methods; do
+  if [ ! -f "conf/method/$method.yaml" ]; then
+    echo "$0: unknown method '$method': conf/method/$method.yaml not found; available:" \
+      "$(cd conf/method && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+    exit 1
+  fi
+done
+
+# The runs as method:rank pairs, in order and each once. 'full' trains every weight and has no rank.
+runs=()
+add_run() {
+  local run=$1:$2 known
+  for known in ${runs[@]+"${runs[@]}"}; do
+    [ "$known" = "$run" ] && return
+  done
+  runs+=("$run")
+}
+for method in $methods; do
+  if [ "$method" = full ]; then add_run full 0; continue; fi
+  for rank in $ranks; do add_run "$method" "$rank"; done
+done
+for method in $sweep_methods; do
+  if [ "$method" = full ]; then add_run full 0; continue; fi
+  for rank in $sweep_ranks; do add_run "$method" "$rank"; done
+done
+if [ ${#runs[@]} -eq 0 ]; then
+  echo "$0: no runs: --methods and --sweep-methods are both empty" >&2
   exit 1
 fi
 
@@ -94,41 +132,38 @@ decodes_complete() {
 failed=()
 start_all=$(date +%s)
 for split in $train_splits; do
-  for method in $methods; do
-    method_ranks=$ranks
-    [ "$method" = full ] && method_ranks=0
-    for rank in $method_ranks; do
-      tag=${method}_r${rank}
-      [ "$split" != "$main_split" ] && tag=${tag}_${split}
-      exp_dir=$exp_root/$tag
-      run_overrides=("method=$method")
-      [ "$method" != full ] && run_overrides+=("method.rank=$rank")
-      run_overrides+=("tag=$tag" "corpus.train_split=$split" "${overrides[@]}")
-      marker=$exp_dir/.compare_done
-      signature=$(printf '%q ' "$config" "${run_overrides[@]}")
+  for run in "${runs[@]}"; do
+    method=${run%%:*} rank=${run##*:}
+    tag=${method}_r${rank}
+    [ "$split" != "$main_split" ] && tag=${tag}_${split}
+    exp_dir=$exp_root/$tag
+    run_overrides=("method=$method")
+    [ "$method" != full ] && run_overrides+=("method.rank=$rank")
+    run_overrides+=("tag=$tag" "corpus.train_split=$split" "${overrides[@]}")
+    marker=$exp_dir/.compare_done
+    signature=$(printf '%q ' "$config" "${run_overrides[@]}")
 
-      first_stage=3
-      if [ -f "$marker" ] && [ "$(cat "$marker")" = "$signature" ]; then
-        if decodes_complete "$exp_dir"; then
-          log "$tag: finished earlier, skipped"
-          continue
-        fi
-        first_stage=4
+    first_stage=3
+    if [ -f "$marker" ] && [ "$(cat "$marker")" = "$signature" ]; then
+      if decodes_complete "$exp_dir"; then
+        log "$tag: finished earlier, skipped"
+        continue
       fi
+      first_stage=4
+    fi
 
-      mkdir -p "$exp_dir"
-      log "$tag: stages $first_stage-5 (log: $exp_dir/run.log)"
-      start=$(date +%s)
-      if bash run.sh --skip-setup true --config "$config" --stage "$first_stage" --stop-stage 5 \
-          "${run_overrides[@]}" >> "$exp_dir/run.log" 2>&1; then
-        printf '%s' "$signature" > "$marker"
-        log "$tag: done in $(( $(date +%s) - start )) s"
-      else
-        log "$tag: FAILED after $(( $(date +%s) - start )) s; last lines of $exp_dir/run.log:"
-        tail -n 5 "$exp_dir/run.log" >&2
-        failed+=("$tag")
-      fi
-    done
+    mkdir -p "$exp_dir"
+    log "$tag: stages $first_stage-5 (log: $exp_dir/run.log)"
+    start=$(date +%s)
+    if bash run.sh --skip-setup true --config "$config" --stage "$first_stage" --stop-stage 5 \
+        "${run_overrides[@]}" >> "$exp_dir/run.log" 2>&1; then
+      printf '%s' "$signature" > "$marker"
+      log "$tag: done in $(( $(date +%s) - start )) s"
+    else
+      log "$tag: FAILED after $(( $(date +%s) - start )) s; last lines of $exp_dir/run.log:"
+      tail -n 5 "$exp_dir/run.log" >&2
+      failed+=("$tag")
+    fi
   done
 done
 

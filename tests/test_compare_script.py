@@ -1,4 +1,4 @@
-"""scripts/compare_methods.sh end to end: 2 methods, 1 epoch, a dozen demo utterances (slow)."""
+"""scripts/compare_methods.sh end to end: 2 methods and a rank sweep, 1 epoch, a dozen demo utterances (slow)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def comparison(tmp_path_factory):
         "decode.batch_size=8",
     ]
     command = ["bash", "scripts/compare_methods.sh", "--skip-setup", "true", "--methods", "lora sparlora", "--ranks", "4",
-               *overrides]
+               "--sweep-methods", "sparlora", "--sweep-ranks", "2 4", *overrides]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ))
@@ -38,7 +38,7 @@ def comparison(tmp_path_factory):
 
 def test_runs_trained_and_logged(comparison):
     work, _, _ = comparison
-    for tag in ("lora_r4", "sparlora_r4"):
+    for tag in ("lora_r4", "sparlora_r4", "sparlora_r2"):
         run_dir = work / "exp" / tag
         assert (run_dir / "final_model" / "model.pt").is_file()
         assert "Stage 5 done" in (run_dir / "run.log").read_text(encoding="utf-8")
@@ -57,6 +57,17 @@ def test_results_md_rows(comparison):
     assert "## SPaRLoRA ablation (rank 4, train)" in text
     assert "![dev CER per epoch, rank 4, train](dev_cer_per_epoch.png)" in text
     assert (work / "exp" / "dev_cer_per_epoch.png").is_file()
+    assert re.search(r"^\| sparlora \| 2 \| train \| \d+\.\d\d \| \d+\.\d\d \|$", text, re.MULTILINE)
+    assert "![test CER against rank, train](cer_vs_rank.png)" in text
+    assert (work / "exp" / "cer_vs_rank.png").is_file()
+
+
+def test_sweep_run_once_per_rank(comparison):
+    _, first, _ = comparison
+
+    assert first.count("sparlora_r4: stages 3-5") == 1
+    assert first.count("sparlora_r2: stages 3-5") == 1
+    assert first.index("sparlora_r4: stages 3-5") < first.index("sparlora_r2: stages 3-5")
 
 
 def test_rerun_skips_finished_runs(comparison):
@@ -64,4 +75,5 @@ def test_rerun_skips_finished_runs(comparison):
 
     assert "lora_r4: finished earlier, skipped" in second
     assert "sparlora_r4: finished earlier, skipped" in second
+    assert "sparlora_r2: finished earlier, skipped" in second
     assert "stages 3-5" not in second

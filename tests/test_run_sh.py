@@ -47,3 +47,20 @@ def test_stage_error_is_one_line():
     assert result.returncode == 1
     assert "invalid train.accum_grad 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "lora sparlora_typo"], "unknown method 'sparlora_typo': conf/method/sparlora_typo.yaml not found; "
+                                          "available: adalora dora full lora"),
+    (["--sweep-methods", "nosuch"], "unknown method 'nosuch'"),
+    (["--methods", "", "--sweep-methods", ""], "no runs: --methods and --sweep-methods are both empty"),
+])
+def test_compare_methods_rejects_bad_method_lists(args, message, tmp_path):
+    # Checked before any stage runs, so nothing is written under the experiment root.
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "compare_methods.sh"), "--skip-setup", "true", *args,
+                             f"exp_root={tmp_path}/exp", f"data_dir={tmp_path}/data"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert not (tmp_path / "exp").exists()
+    assert not (tmp_path / "data").exists()
