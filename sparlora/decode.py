@@ -5,7 +5,8 @@ decoded with `Paraformer.inference(..., data_type="fbank")`: encoder, CIF predic
 then one decoder pass and an argmax per predicted token. Hypotheses are written as a
 Kaldi table `decode_<set>/hyp` (`uttid text`, text may be empty) beside `ref`, for every
 test set of `corpus.test_splits` and each noisy copy that `noise.test` configures, with
-the base model into `<exp_root>/base/` and with the fine-tuned model (`decode.checkpoint`)
+the base model into `<exp_root>/base/` and with the fine-tuned model (`decode.checkpoint`:
+the merged final or last weights, or the base model with stage 3's PEFT adapter unmerged)
 into the experiment folder. `decode_<set>/fingerprint` records the
 model file, the manifest and the decoding settings, and a rerun skips a test set whose
 fingerprint is unchanged.
@@ -126,8 +127,8 @@ def main(argv=None) -> int:
     data_dir = Path(cfg.data_dir)
 
     checkpoint = str(cfg.decode.checkpoint)
-    if checkpoint not in ("final", "last", "base"):
-        raise ValueError(f"invalid decode.checkpoint {checkpoint!r}: expected final, last or base")
+    if checkpoint not in ("final", "last", "adapter", "base"):
+        raise ValueError(f"invalid decode.checkpoint {checkpoint!r}: expected final, last, adapter or base")
     manifests = {str(name): data_dir / str(name) / "data.jsonl" for name in decode_split_names(cfg)}
     missing = [str(path) for path in manifests.values() if not path.is_file()]
     if missing:
@@ -136,21 +137,33 @@ def main(argv=None) -> int:
     # The base model's zero-shot decodes are shared by every experiment of a corpus. Each
     # test set, the extra ones added later (noisy copies, for example) included, is
     # decoded again only when the model, its manifest or a decoding setting changed.
-    models = {"base": (Path(cfg.model.dir), Path(cfg.exp_root) / "base")}
-    if checkpoint != "base":
+    # Each model: (model dir, output folder, PEFT adapter dir to apply or None).
+    models = {"base": (Path(cfg.model.dir), Path(cfg.exp_root) / "base", None)}
+    if checkpoint == "adapter":
+        adapter_dir = Path(cfg.exp_dir) / "adapter"
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter not found: {adapter_dir / 'adapter_config.json'}; decode.checkpoint=adapter "
+                                    "needs the PEFT adapter that stage 3 writes for LoRA-family methods; run stage 3, "
+                                    "or use decode.checkpoint=final (full fine-tuning writes no adapter)")
+        logger.info("decoding with the adapter %s on %s", adapter_dir, cfg.model.dir)
+        models["finetuned"] = (Path(cfg.model.dir), Path(cfg.exp_dir), adapter_dir)
+    elif checkpoint != "base":
         # last_model exists only when stage 3 averaged checkpoints into final_model.
         last_dir = Path(cfg.exp_dir) / "last_model"
         chosen = last_dir if checkpoint == "last" and last_dir.is_dir() else Path(cfg.exp_dir) / "final_model"
         logger.info("decoding with %s", chosen)
-        models["finetuned"] = (chosen, Path(cfg.exp_dir))
+        models["finetuned"] = (chosen, Path(cfg.exp_dir), None)
     settings = f"sample_rate={cfg.audio.sample_rate} channel={cfg.audio.channel} batch_size={cfg.decode.batch_size} device={device}"
-    for label, (model_dir, exp_dir) in models.items():
+    for label, (model_dir, exp_dir, adapter_dir) in models.items():
         if not (model_dir / "model.pt").is_file():
             raise FileNotFoundError(f"model not found: {model_dir / 'model.pt'}; run stage {2 if label == 'base' else 3} first")
+        weight_files = [model_dir / "model.pt"]
+        if adapter_dir is not None:
+            weight_files += sorted(adapter_dir.glob("adapter_model.*"))
         pending = {}
         for name, manifest in manifests.items():
             out_dir = exp_dir / f"decode_{name}"
-            fingerprint = decode_fingerprint(model_dir / "model.pt", [manifest], settings)
+            fingerprint = decode_fingerprint(weight_files, [manifest], settings)
             stamp = out_dir / "fingerprint"
             if (out_dir / "hyp").is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == fingerprint:
                 logger.info("%s decode of %s in %s is up to date", label, name, out_dir)
@@ -160,6 +173,10 @@ def main(argv=None) -> int:
             continue
 
         model, kwargs = load_paraformer(model_dir, device=device, num_threads=cfg.train.num_threads)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
         for name, fingerprint in pending.items():
             out_dir = exp_dir / f"decode_{name}"
             logger.info("decoding %s with the %s model %s", name, label, model_dir)
@@ -169,10 +186,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def decode_fingerprint(model_file: Path, manifests: list[Path], settings: str) -> str:
-    """Return a string that changes when the model file, a test manifest or a decoding setting changes."""
+def decode_fingerprint(weight_files: list[Path], manifests: list[Path], settings: str) -> str:
+    """Return a string that changes when a weight file, a test manifest or a decoding setting changes."""
     parts = [settings]
-    for path in [model_file, *manifests]:
+    for path in [*weight_files, *manifests]:
         stat = path.resolve().stat()
         parts.append(f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}")
     return "\n".join(parts) + "\n"

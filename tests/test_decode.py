@@ -87,12 +87,12 @@ def test_torch_threads_restored():
 # --- stage 4 entry point
 
 
-def write_config(path, data_dir, exp_root, model_dir, test_splits):
+def write_config(path, data_dir, exp_root, model_dir, test_splits, checkpoint="last"):
     path.write_text(
         f"corpus:\n  test_splits: [{', '.join(test_splits)}]\ndata_dir: {data_dir}\nexp_root: {exp_root}\n"
         f"tag: run\nexp_dir: {exp_root}/run\nmodel:\n  dir: {model_dir}\n"
         "audio:\n  sample_rate: 16000\n  channel: mean\ntrain:\n  num_threads: 1\n"
-        "decode:\n  batch_size: 4\n  device: cpu\n  checkpoint: last\n",
+        f"decode:\n  batch_size: 4\n  device: cpu\n  checkpoint: {checkpoint}\n",
         encoding="utf-8",
     )
 
@@ -148,4 +148,38 @@ def test_invalid_decode_checkpoint_rejected(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sparlora.decode", "--config", "conf/demo.yaml", "decode.checkpoint=best",
                              f"data_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "invalid decode.checkpoint 'best': expected final, last or base" in result.stderr
+    assert "invalid decode.checkpoint 'best': expected final, last, adapter or base" in result.stderr
+
+
+def test_stage4_adapter_matches_merged(tmp_path, tiny_model_dir, utterances, caplog):
+    # decode.checkpoint=adapter decodes the base model with stage 3's PEFT adapter, unmerged.
+    from test_export_model import METHODS, export_like_stage3
+
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    write_test_split(data, "sc_test", utterances)
+    export_like_stage3(tiny_model_dir, METHODS["sparlora"], exp / "run")
+    config = tmp_path / "conf.yaml"
+    write_config(config, data, exp, tiny_model_dir, ["sc_test"], checkpoint="final")
+    assert decode.main(["--config", str(config)]) == 0
+    merged = read_table(exp / "run" / "decode_sc_test" / "hyp")
+    base = read_table(exp / "base" / "decode_sc_test" / "hyp")
+    caplog.clear()
+
+    with caplog.at_level(logging.INFO, logger="sparlora.decode"):
+        assert decode.main(["--config", str(config), "decode.checkpoint=adapter"]) == 0
+
+    assert f"decoding with the adapter {exp / 'run' / 'adapter'} on {tiny_model_dir}" in caplog.text
+    assert "finetuned decode of sc_test in" not in caplog.text
+    assert read_table(exp / "run" / "decode_sc_test" / "hyp") == merged
+    assert merged != base
+
+
+def test_stage4_adapter_missing(tmp_path, tiny_model_dir, utterances):
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    write_test_split(data, "sc_test", utterances[:1])
+    shutil.copytree(tiny_model_dir, exp / "run" / "final_model")
+    config = tmp_path / "conf.yaml"
+    write_config(config, data, exp, tiny_model_dir, ["sc_test"], checkpoint="adapter")
+
+    with pytest.raises(FileNotFoundError, match=r"adapter not found: .*adapter_config.json; decode.checkpoint=adapter"):
+        decode.main(["--config", str(config)])

@@ -90,11 +90,25 @@ def test_decode_fingerprint_tracks_settings(tmp_path):
     model, manifest = tmp_path / "model.pt", tmp_path / "data.jsonl"
     model.write_bytes(b"weights")
     manifest.write_text("{}\n", encoding="utf-8")
-    first = decode_fingerprint(model, [manifest], "sample_rate=16000 channel=mean")
-    assert first == decode_fingerprint(model, [manifest], "sample_rate=16000 channel=mean")
-    assert first != decode_fingerprint(model, [manifest], "sample_rate=8000 channel=mean")
+    first = decode_fingerprint([model], [manifest], "sample_rate=16000 channel=mean")
+    assert first == decode_fingerprint([model], [manifest], "sample_rate=16000 channel=mean")
+    assert first != decode_fingerprint([model], [manifest], "sample_rate=8000 channel=mean")
     model.write_bytes(b"other weights")
-    assert first != decode_fingerprint(model, [manifest], "sample_rate=16000 channel=mean")
+    assert first != decode_fingerprint([model], [manifest], "sample_rate=16000 channel=mean")
+
+
+def test_decode_fingerprint_tracks_adapter(tmp_path):
+    from sparlora.decode import decode_fingerprint
+
+    model, adapter, manifest = tmp_path / "model.pt", tmp_path / "adapter_model.safetensors", tmp_path / "data.jsonl"
+    model.write_bytes(b"weights")
+    adapter.write_bytes(b"adapter")
+    manifest.write_text("{}\n", encoding="utf-8")
+    merged_only = decode_fingerprint([model], [manifest], "batch_size=16")
+    with_adapter = decode_fingerprint([model, adapter], [manifest], "batch_size=16")
+    assert with_adapter != merged_only
+    adapter.write_bytes(b"retrained adapter")
+    assert decode_fingerprint([model, adapter], [manifest], "batch_size=16") != with_adapter
 
 
 def test_augmented_dataset_not_cached(tiny_model_dir, tmp_path):
