@@ -18,6 +18,22 @@ if TYPE_CHECKING:
     from sparlora.score import ScoreResult
 
 DPI = 120
+# Ten colors, then the same colors dashed and dotted, so up to 30 runs stay apart.
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+          "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+LINE_STYLES = ("-", "--", ":")
+HIGHLIGHTED_METHOD = "sparlora"
+
+
+def line_style(index: int) -> dict:
+    """Return the color and line style of the `index`-th series of a figure."""
+    return {"color": COLORS[index % len(COLORS)], "linestyle": LINE_STYLES[(index // len(COLORS)) % len(LINE_STYLES)]}
+
+
+def add_legend(figure: Figure, axes) -> None:
+    """Place the legend of `axes` to the right of the plot area, where it covers no data."""
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    figure.tight_layout()
 
 
 def plot_dev_cer(runs: Sequence["Run"], path: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -33,18 +49,19 @@ def plot_dev_cer(runs: Sequence["Run"], path: Path) -> dict[str, tuple[list[int]
     if not series:
         return {}
 
-    figure = Figure(figsize=(6.4, 4.2), dpi=DPI)
+    methods = {run.tag: run.method for run in runs}
+    figure = Figure(figsize=(8.0, 4.4), dpi=DPI)
     axes = figure.add_subplot()
-    for tag, (epochs, cers) in series.items():
-        axes.plot(epochs, cers, marker="o", markersize=3, label=tag)
+    for index, (tag, (epochs, cers)) in enumerate(series.items()):
+        width = 2.4 if methods[tag] == HIGHLIGHTED_METHOD else 1.2
+        axes.plot(epochs, cers, marker="o", markersize=3, linewidth=width, label=tag, **line_style(index))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("dev CER (%)")
     axes.set_title("Dev CER per epoch")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
+    add_legend(figure, axes)
+    figure.savefig(path, bbox_inches="tight")
     return series
 
 
@@ -66,20 +83,22 @@ def plot_cer_vs_rank(runs: Sequence["Run"], test_sets: Sequence[str], path: Path
     unranked = [run for run in runs if run.rank == 0]
 
     series: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    figure = Figure(figsize=(4.2 * len(test_sets), 4.0), dpi=DPI)
+    figure = Figure(figsize=(3.6 * len(test_sets) + 2.0, 4.0), dpi=DPI)
     all_ranks = sorted({run.rank for run in runs if run.rank > 0})
     for index, test_set in enumerate(test_sets):
         axes = figure.add_subplot(1, len(test_sets), index + 1)
         series[test_set] = {}
-        for method, method_runs in sorted(ranked.items()):
+        for style_index, (method, method_runs) in enumerate(sorted(ranked.items())):
             points = sorted((run.rank, run.scores[test_set].cer) for run in method_runs if run.scores[test_set].cer is not None)
             ranks = [rank for rank, _ in points]
             cers = [100 * cer for _, cer in points]
             series[test_set][method] = (ranks, cers)
-            axes.plot(ranks, cers, marker="o", label=method)
-        for run in unranked:
+            width = 2.4 if method == HIGHLIGHTED_METHOD else 1.2
+            axes.plot(ranks, cers, marker="o", linewidth=width, label=method, **line_style(style_index))
+        for offset, run in enumerate(unranked):
             if run.scores[test_set].cer is not None:
-                axes.axhline(100 * run.scores[test_set].cer, linestyle="--", color="gray", label=f"{run.method} (no rank)")
+                color = line_style(len(ranked) + offset)["color"]
+                axes.axhline(100 * run.scores[test_set].cer, linestyle="--", color=color, label=f"{run.method} (no rank)")
         if base and test_set in base and base[test_set].cer is not None:
             axes.axhline(100 * base[test_set].cer, linestyle=":", color="black", label="base model, zero-shot")
         axes.set_xscale("log", base=2)
@@ -88,7 +107,6 @@ def plot_cer_vs_rank(runs: Sequence["Run"], test_sets: Sequence[str], path: Path
         axes.set_ylabel("CER (%)")
         axes.set_title(test_set)
         axes.grid(alpha=0.3)
-    figure.axes[0].legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
+    add_legend(figure, figure.axes[-1])
+    figure.savefig(path, bbox_inches="tight")
     return series

@@ -344,3 +344,12 @@ def test_run_without_decode_skipped(corpus, tmp_path, caplog):
 
     assert runs == []
     assert "skipping run lora_r4" in caplog.text
+
+
+def test_line_styles_distinct_for_30_runs():
+    from sparlora.plots import line_style
+
+    styles = [(style["color"], style["linestyle"]) for style in map(line_style, range(30))]
+
+    assert len(set(styles)) == 30
+    assert styles[10] == ("tab:blue", "--")
