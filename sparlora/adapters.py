@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -340,6 +341,26 @@ def save_adapter_for_original_base(peft_model, path: Path, initial_path: Path) -
     The in-memory adapter and config are unchanged.
     """
     peft_model.save_pretrained(str(path), path_initial_model_for_weight_conversion=str(initial_path))
+
+
+def load_adapter(base_model: nn.Module, adapter_dir: Path):
+    """Return `base_model` wrapped in a PeftModel with the saved adapter of `adapter_dir`, for inference.
+
+    For an AdaLoRA adapter, PEFT's check of rank_pattern keys against module names is
+    silenced: AdaLoRA stores its pruning masks there under `<module>.lora_E` keys, which
+    that check (present in peft 0.21.2) does not know, so it warns about every key.
+    """
+    import json
+
+    from peft import PeftModel
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    with warnings.catch_warnings():
+        if config.get("peft_type") == "ADALORA":
+            warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match", category=RuntimeWarning)
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    model.eval()
+    return model
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

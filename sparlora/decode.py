@@ -174,9 +174,9 @@ def main(argv=None) -> int:
 
         model, kwargs = load_paraformer(model_dir, device=device, num_threads=cfg.train.num_threads)
         if adapter_dir is not None:
-            from peft import PeftModel
+            from sparlora.adapters import load_adapter
 
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
+            model = load_adapter(model, adapter_dir)
         for name, fingerprint in pending.items():
             out_dir = exp_dir / f"decode_{name}"
             logger.info("decoding %s with the %s model %s", name, label, model_dir)

@@ -122,15 +122,13 @@ def encoder_outputs(model, dataset: AsrDataset) -> list[torch.Tensor]:
 def check_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, entries: Sequence[ManifestEntry],
                   sample_rate: int, channel, batch_size: int = 16, device: str = "cpu") -> AdapterCheck:
     """Compare the base model with the PEFT adapter applied against the merged model on `entries`."""
-    from peft import PeftModel
-
+    from sparlora.adapters import load_adapter
     from sparlora.decode import decode_dataset
     from sparlora.model import load_paraformer
 
     merged, kwargs = load_paraformer(merged_dir, device=device)
     base, _ = load_paraformer(base_dir, device=device)
-    adapted = PeftModel.from_pretrained(base, str(adapter_dir))
-    adapted.eval()
+    adapted = load_adapter(base, adapter_dir)
 
     dataset = AsrDataset(entries, kwargs["frontend"], kwargs["tokenizer"], sample_rate, channel)
     merged_hyps = decode_dataset(merged, dataset, kwargs["tokenizer"], kwargs["frontend"], batch_size, device, progress=False)

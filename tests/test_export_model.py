@@ -197,3 +197,21 @@ def test_export_main_averaged_final_model(exported, tmp_path, tiny_model_dir):
     shutil.rmtree(exp_dir / "last_model")
     with pytest.raises(FileNotFoundError, match="last_model, which lacks config.yaml"):
         main(["--config", str(tree / "conf.yaml")])
+
+
+def test_adapter_loads_without_warnings(exported, tiny_model_dir):
+    # PEFT's rank_pattern check warns about every AdaLoRA mask key unless load_adapter silences it.
+    import warnings
+
+    from sparlora.adapters import load_adapter
+    from sparlora.model import load_paraformer
+
+    _, exp_dir, _ = exported
+    base, _ = load_paraformer(tiny_model_dir)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = load_adapter(base, exp_dir / "adapter")
+
+    assert not model.training
+    assert any(".lora_A." in name for name, _ in model.named_parameters())
