@@ -74,7 +74,7 @@ def decode_dataset(model, dataset: AsrDataset, tokenizer, frontend, batch_size: 
     hyps: dict[str, str] = {}
     hook = model.encoder.register_forward_hook(zero_padded_frames)
     try:
-        for batch_indices in tqdm(batches, desc="decode", disable=not progress, leave=False):
+        for batch_indices in tqdm(batches, desc="decode", disable=None if progress else True, leave=False):
             with torch_threads(1):
                 batch = collate([dataset[i] for i in batch_indices])
             # Paraformer.inference squeezes the last axis of the lengths, so lengths of

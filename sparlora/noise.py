@@ -307,7 +307,7 @@ def make_noisy_copies(
     report_rows: list[list[str]] = [[] for _ in snrs]
     durations, limited = [], [0] * len(snrs)
     voiced, silent = [], []
-    for utt in tqdm(utterances, desc=f"noisy copies of {src.name}", leave=False):
+    for utt in tqdm(utterances, desc=f"noisy copies of {src.name}", leave=False, disable=None):
         speech = load_audio(utt.source, utt.start, utt.end, sample_rate=rate, channel=channel)
         try:
             speech_power = active_speech_power(speech, rate, f"utterance {utt.id} of {src}")

@@ -523,8 +523,9 @@ class Trainer:
         self.totals = totals
         window_keys: list[str] = []  # utterances of the accumulation window's batches so far
         bad_keys: list[str] = []  # those of its batches with a non-finite loss
+        # disable=None: no bar when stderr is not a terminal, so log files get the epoch lines only.
         bar = tqdm(total=len(batches), initial=first_batch - 1, desc=f"epoch {epoch}/{opts.epochs}", leave=False,
-                   dynamic_ncols=True, disable=not self.context.is_main)
+                   dynamic_ncols=True, disable=None if self.context.is_main else True)
         try:
             for batch_number in range(first_batch, len(batches) + 1):
                 if opts.max_steps > 0 and self.step >= opts.max_steps:

@@ -183,3 +183,12 @@ def test_stage4_adapter_missing(tmp_path, tiny_model_dir, utterances):
 
     with pytest.raises(FileNotFoundError, match=r"adapter not found: .*adapter_config.json; decode.checkpoint=adapter"):
         decode.main(["--config", str(config)])
+
+
+def test_no_progress_bar_in_logs(tiny, utterances, capsys):
+    # Captured stderr is not a terminal, like run.log under compare_methods.sh.
+    model, kwargs = tiny
+    dataset = AsrDataset(utterances[:2], kwargs["frontend"], kwargs["tokenizer"], 16000, "mean")
+    decode.decode_dataset(model, dataset, kwargs["tokenizer"], kwargs["frontend"], 2, "cpu", progress=True)
+
+    assert "decode:" not in capsys.readouterr().err
