@@ -55,6 +55,9 @@ ABLATION_STEPS = (
     ("+ residual", "sparlora", "r/2 cosine and r/2 sine DFT rows", "least squares fit of W", "W - s·B·A"),
 )
 
+# Controls of the ablation, listed right after its steps.
+ABLATION_CONTROLS = ("sparlora_random",)
+
 DEV_CER_FIGURE = "dev_cer_per_epoch.png"
 RANK_FIGURE = "cer_vs_rank.png"
 
@@ -271,8 +274,9 @@ def format_p_value(p: float) -> str:
 
 
 def _run_sort_key(run: Run, main_split: str, reference_method: str) -> tuple:
-    """Order runs: main split first, then the reference method, the ablation steps, other methods by name, then rank."""
-    ablation_order = [step[1] for step in ABLATION_STEPS]
+    """Order runs: main split first, then the reference method, the ablation steps and their
+    controls, other methods by name, then rank."""
+    ablation_order = [step[1] for step in ABLATION_STEPS] + list(ABLATION_CONTROLS)
     if run.method == reference_method:
         method_order = (0, 0, "")
     elif run.method in ablation_order:

@@ -353,3 +353,16 @@ def test_line_styles_distinct_for_30_runs():
 
     assert len(set(styles)) == 30
     assert styles[10] == ("tab:blue", "--")
+
+
+def test_run_order_ablation_then_controls():
+    from types import SimpleNamespace
+
+    from sparlora.compare import _run_sort_key
+
+    methods = ["pissa", "sparlora_random", "full", "sparlora", "lora", "sparlora_dft", "adalora", "sparlora_phase"]
+    runs = [SimpleNamespace(method=method, train_split="train", rank=32) for method in methods]
+
+    ordered = [run.method for run in sorted(runs, key=lambda run: _run_sort_key(run, "train", "lora"))]
+
+    assert ordered == ["lora", "sparlora_dft", "sparlora_phase", "sparlora", "sparlora_random", "adalora", "full", "pissa"]
