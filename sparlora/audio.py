@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,7 @@ def audio_info(source: str) -> AudioInfo:
     For a file this reads the header and decodes only the last sample, which catches
     files truncated in the middle of compressed data. A pipe has to be run and its
     whole output decoded. Raises FileNotFoundError for a missing file and AudioError
-    with reason "unreadable: ..." or "0 samples" for unusable audio.
+    with reason "unreadable: ...", "0 samples" or "truncated: ..." for unusable audio.
     """
     with _open(source) as sound:
         num_samples = sound.frames
@@ -138,8 +139,34 @@ def audio_info(source: str) -> AudioInfo:
         channels = sound.channels
         if num_samples <= 0:
             raise AudioError(source, "0 samples")
+        check_wav_data_size(sound, source)
         _read(sound, source, num_samples - 1, num_samples)
     return AudioInfo(sample_rate, channels, num_samples, num_samples / sample_rate)
+
+
+# libsndfile's header log for a WAV file whose data chunk is shorter than its header declares,
+# e.g. "data : 32000 (should be 15979)".
+_SHORT_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# Data sizes that streaming writers put in the header when the length is not known yet.
+_UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)
+
+
+def check_wav_data_size(sound: soundfile.SoundFile, source: str) -> None:
+    """Raise AudioError "truncated" when a WAV file has less audio than its header declares.
+
+    libsndfile reads such a file up to its last whole frame without an error, so a file cut
+    short by a failed copy would otherwise pass with part of its speech missing.
+    """
+    if not sound.format.startswith("WAV"):
+        return
+    match = _SHORT_DATA_CHUNK.search(sound.extra_info)
+    if match is None:
+        return
+    declared, present = int(match.group(1)), int(match.group(2))
+    if declared in _UNKNOWN_DATA_SIZES or present >= declared:
+        return
+    raise AudioError(source, "truncated", f"the WAV header declares {declared} bytes of audio, the file has {present}; "
+                                          "copy or export the file again")
 
 
 def check_channel(channel: str | int) -> str | int:

@@ -262,3 +262,40 @@ def test_info_truncated_flac(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(AudioError, match="unreadable"):
         audio_info(str(path))
+
+
+def test_info_truncated_pcm_wav(tmp_path):
+    # libsndfile reads a cut PCM WAV up to its last whole frame; the header's data size shows the cut.
+    path = tmp_path / "cut.wav"
+    soundfile.write(path, tone(440, 16000), 16000, subtype="PCM_16")
+    data = path.read_bytes()
+    path.write_bytes(data[:44 + 16000])
+
+    with pytest.raises(AudioError) as caught:
+        audio_info(str(path))
+
+    assert caught.value.kind == "truncated"
+    assert "the WAV header declares 32000 bytes of audio, the file has 16000" in caught.value.detail
+
+
+def test_info_streamed_wav_size_unknown(tmp_path):
+    # A streaming writer leaves 0xFFFFFFFF as the data size: the length is unknown, not cut.
+    path = tmp_path / "streamed.wav"
+    soundfile.write(path, tone(440, 16000), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    assert data[36:40] == b"data"
+    data[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+    assert audio_info(str(path)).num_samples == 16000
+
+
+def test_info_wrong_riff_size_kept(tmp_path):
+    # Only the data chunk counts: a wrong RIFF size alone does not mean missing audio.
+    path = tmp_path / "riff.wav"
+    soundfile.write(path, tone(440, 16000), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[4:8] = (len(data) + 1000).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+    assert audio_info(str(path)).num_samples == 16000

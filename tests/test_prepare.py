@@ -526,3 +526,23 @@ def test_speaker_order_check(speakers, expected):
     from sparlora.prepare import speakers_sorted_with_utterances
 
     assert speakers_sorted_with_utterances(speakers) is expected
+
+
+def test_half_wav_dropped_as_truncated(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("ok1", "ok2", "half"):
+        soundfile.write(src / f"{name}.wav", tone(440, 16000, 1.0), 16000, subtype="PCM_16")
+    whole = (src / "half.wav").read_bytes()
+    (src / "half.wav").write_bytes(whole[: len(whole) // 2])
+    write_lines(src / "wav.scp", [f"{name} {src / name}.wav" for name in ("ok1", "ok2", "half")])
+    write_lines(src / "text", [f"{name} 今天天气好" for name in ("ok1", "ok2", "half")])
+    dst = tmp_path / "train"
+
+    report = prepare_kaldi_dir(src, dst, AUDIO, max_drop_fraction=0.5)
+
+    assert dropped(report) == {"half": "truncated"}
+    assert read_lines(dst / "utt2dur") == ["ok1 1.000", "ok2 1.000"]
+    report_lines = [line for line in read_lines(dst / "prep_report.txt") if line.startswith("dropped half: truncated (")]
+    assert len(report_lines) == 1
+    assert "the WAV header declares 32000 bytes of audio, the file has 15978" in report_lines[0]
