@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,17 +59,73 @@ class AdapterCheck:
         return self.transcripts_equal == self.utterances and self.max_encoder_difference <= ENCODER_TOLERANCE
 
 
+# Written into every copy made by `copy_model_dir`, so that a later export may replace it.
+EXPORT_MARKER = "export_source.txt"
+
+
+def check_out_dir(dst: Path) -> None:
+    """Raise ValueError unless `dst` is new, empty, or an earlier copy made by `copy_model_dir`.
+
+    Anything else, such as the pretrained model dir, an experiment folder or another run's
+    final_model, would have files replaced that the recipe still needs.
+    """
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not dst.is_dir() or dst.is_symlink():
+        raise ValueError(f"--out {dst} exists and is not a plain folder; give a new or empty folder")
+    if any(dst.iterdir()) and not (dst / EXPORT_MARKER).is_file():
+        raise ValueError(f"--out {dst} is not empty and is not an earlier export (no {EXPORT_MARKER}); "
+                         "give a new or empty folder, so no model, experiment or corpus file is replaced")
+
+
 def copy_model_dir(src: Path, dst: Path) -> Path:
-    """Copy the files of a FunASR model directory to `dst`, links resolved; return `dst`."""
+    """Copy the files of a FunASR model directory to `dst`, links resolved; return `dst`.
+
+    `dst` must pass `check_out_dir`. Each file is written to a temporary name and renamed,
+    so a link already at the destination is replaced, not written through.
+    """
     missing = missing_model_files(src)
     if missing:
         raise FileNotFoundError(f"{src} is not a FunASR model directory: missing {', '.join(missing)}; run stage 3")
     if dst.resolve() == src.resolve():
         return dst
+    check_out_dir(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
-        shutil.copyfile(src / name, dst / name)
+        partial = dst / f".{name}.partial"
+        shutil.copyfile(src / name, partial)
+        os.replace(partial, dst / name)
+    atomic_write_text(dst / EXPORT_MARKER, f"copied by python -m sparlora.export from {src.resolve()}\n")
     return dst
+
+
+def decoded_weight_files(fingerprint: Path) -> list[Path]:
+    """Return the weight files that a stage 4 decode used, from its `fingerprint` file.
+
+    The file starts with the settings line, then one `path size mtime` line per weight
+    file and manifest (see `sparlora.decode.decode_fingerprint`).
+    """
+    lines = fingerprint.read_text(encoding="utf-8").splitlines()[1:]
+    paths = [Path(line.rsplit(" ", 2)[0]) for line in lines if line.count(" ") >= 2]
+    return [path for path in paths if path.name != "data.jsonl"]
+
+
+def check_decoded_with_final_model(decode_dir: Path, final_dir: Path) -> None:
+    """Raise RuntimeError when stage 4's decode in `decode_dir` did not use `final_dir`'s weights.
+
+    `decode.checkpoint=last` or `adapter` writes into the same folder, and those
+    transcripts need not equal final_model's. A decode without a fingerprint (written
+    before fingerprints existed) is accepted.
+    """
+    fingerprint = decode_dir / "fingerprint"
+    if not fingerprint.is_file():
+        logger.warning("%s has no fingerprint, so the weights that stage 4 used are not known; assuming final_model", decode_dir)
+        return
+    used = decoded_weight_files(fingerprint)
+    expected = (final_dir / "model.pt").resolve()
+    if used != [expected]:
+        raise RuntimeError(f"stage 4's decode in {decode_dir} used {', '.join(map(str, used)) or 'unknown weights'}, "
+                           f"not {expected}; run stage 4 with decode.checkpoint=final, then this check")
 
 
 def merged_last_weights(exp_dir: Path, model_dir: Path) -> Path:
@@ -154,18 +211,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--utterances", type=int, default=20, help="utterances of the first test set to decode (default: 20)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. method=lora")
     args = parser.parse_args(argv)
+    if args.utterances < 1:
+        parser.error(f"invalid --utterances {args.utterances}: expected 1 or more")
     setup_logging()
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.decode.device)
 
     exp_dir = Path(cfg.exp_dir)
-    model_dir = copy_model_dir(exp_dir / "final_model", Path(args.out) if args.out else exp_dir / "final_model")
     test_set = str(cfg.corpus.test_splits[0])
     hyp_path = exp_dir / f"decode_{test_set}" / "hyp"
     if not hyp_path.is_file():
         raise FileNotFoundError(f"stage 4 hypotheses not found: {hyp_path}; run stage 4 first")
+    check_decoded_with_final_model(hyp_path.parent, exp_dir / "final_model")
+    model_dir = copy_model_dir(exp_dir / "final_model", Path(args.out) if args.out else exp_dir / "final_model")
     stage4 = dict(read_table(hyp_path))
-    entries = read_manifest(Path(cfg.data_dir) / test_set / "data.jsonl")[: args.utterances]
+    all_entries = read_manifest(Path(cfg.data_dir) / test_set / "data.jsonl")
+    entries = all_entries[: args.utterances]
+    if len(all_entries) < args.utterances:
+        logger.info("--utterances %d, but %s has %d: checking all of them", args.utterances, test_set, len(all_entries))
 
     waveforms = [load_audio(entry.source, entry.start, entry.end, sample_rate=cfg.audio.sample_rate, channel=cfg.audio.channel)
                  for entry in entries]

@@ -144,8 +144,10 @@ def test_export_main_passes(exported, tmp_path):
     assert f"funasr.AutoModel transcripts equal to stage 4 ({exp_dir / 'decode_sc_test' / 'hyp'}): 5 of 5" in report
     assert f"transcripts equal to the merged model {out}: 5 of 5" in report
     assert report.endswith("result: passed\n")
-    assert sorted(path.name for path in out.iterdir()) == sorted(MODEL_FILES)
+    assert sorted(path.name for path in out.iterdir()) == sorted([*MODEL_FILES, "export_source.txt"])
     assert not any(path.is_symlink() for path in out.iterdir())
+    # A second export may replace the first one.
+    assert main(["--config", str(root / "conf.yaml"), "--out", str(out)]) == 0
 
 
 def test_export_main_detects_changed_hypothesis(exported, tmp_path):
@@ -215,3 +217,76 @@ def test_adapter_loads_without_warnings(exported, tiny_model_dir):
 
     assert not model.training
     assert any(".lora_A." in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("target", ["model_dir", "exp_dir", "other_final_model"])
+def test_export_out_never_replaces_recipe_files(exported, tmp_path, tiny_model_dir, target):
+    # The pretrained dir (links to the model files, as stage 2 writes it), the run's own
+    # folder and another run's final_model are all rejected, and nothing in them changes.
+    from sparlora.export import main
+
+    root, exp_dir, _ = exported
+    model_dir = tmp_path / "pretrained"
+    model_dir.mkdir()
+    for name in MODEL_FILES:
+        (model_dir / name).symlink_to(tiny_model_dir / name)
+    other = tmp_path / "other_final_model"
+    shutil.copytree(tiny_model_dir, other)
+    out = {"model_dir": model_dir, "exp_dir": exp_dir, "other_final_model": other}[target]
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    originals = {name: (tiny_model_dir / name).read_bytes() for name in MODEL_FILES}
+
+    with pytest.raises(ValueError, match="is not empty and is not an earlier export"):
+        main(["--config", str(root / "conf.yaml"), "--out", str(out)])
+
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+    assert {name: (tiny_model_dir / name).read_bytes() for name in MODEL_FILES} == originals
+
+
+def test_export_out_replaces_links_not_targets(exported, tmp_path):
+    from sparlora.export import main
+
+    root, _, _ = exported
+    out, target = tmp_path / "out", tmp_path / "elsewhere.pt"
+    out.mkdir()
+    (out / "export_source.txt").write_text("earlier export\n", encoding="utf-8")
+    target.write_bytes(b"not to be overwritten")
+    (out / "model.pt").symlink_to(target)
+
+    assert main(["--config", str(root / "conf.yaml"), "--out", str(out)]) == 0
+
+    assert target.read_bytes() == b"not to be overwritten"
+    assert not (out / "model.pt").is_symlink()
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_export_rejects_utterances_below_one(exported, count, capsys):
+    from sparlora.export import main
+
+    root, _, _ = exported
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--config", str(root / "conf.yaml"), "--utterances", count])
+
+    assert caught.value.code == 2
+    assert f"invalid --utterances {count}: expected 1 or more" in capsys.readouterr().err
+
+
+def test_export_rejects_decode_of_other_weights(exported, tmp_path, tiny_model_dir):
+    # After decode.checkpoint=adapter (or last), stage 4's hyps need not be final_model's.
+    from sparlora.decode import decode_fingerprint
+    from sparlora.export import main
+
+    root, exp_dir, _ = exported
+    fingerprint = exp_dir / "decode_sc_test" / "fingerprint"
+    manifest = root / "data" / "sc_test" / "data.jsonl"
+    fingerprint.write_text(decode_fingerprint([tiny_model_dir / "model.pt", exp_dir / "adapter" / "adapter_config.json"],
+                                              [manifest], "batch_size=4"), encoding="utf-8")
+    try:
+        with pytest.raises(RuntimeError, match="run stage 4 with decode.checkpoint=final"):
+            main(["--config", str(root / "conf.yaml")])
+        fingerprint.write_text(decode_fingerprint([exp_dir / "final_model" / "model.pt"], [manifest], "batch_size=4"),
+                               encoding="utf-8")
+        assert main(["--config", str(root / "conf.yaml")]) == 0
+    finally:
+        fingerprint.unlink()
