@@ -59,7 +59,21 @@ if [ ! -f "$config" ]; then
   exit 1
 fi
 
+for rank in $ranks $sweep_ranks; do
+  if ! [[ $rank =~ ^[1-9][0-9]*$ ]]; then
+    echo "$0: invalid rank '$rank' in --ranks or --sweep-ranks: expected a whole number of 1 or more, without leading zeros" >&2
+    exit 1
+  fi
+done
+if [ -n "${methods// /}" ] && [ -z "${ranks// /}" ]; then
+  echo "$0: --ranks is empty; give the ranks of --methods, e.g. --ranks \"16 32\"" >&2
+  exit 1
+fi
 for method in $methods $sweep_methods; do
+  if ! [[ $method =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]]; then
+    echo "$0: invalid method name '$method': expected the name of a file in conf/method without .yaml" >&2
+    exit 1
+  fi
   if [ ! -f "conf/method/$method.yaml" ]; then
     echo "$0: unknown method '$method': conf/method/$method.yaml not found; available:" \
       "$(cd conf/method && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
@@ -168,15 +182,22 @@ for split in $train_splits; do
 done
 
 # The dev CER figure and the ablation table use one rank: the config's method.rank when
-# it is among --ranks, else the first of --ranks.
-main_rank=${ranks%% *}
+# it is among --ranks, else the first rank of --ranks, or of --sweep-ranks when --ranks is empty.
+main_rank=""
+for rank in $ranks $sweep_ranks; do
+  [ -z "$main_rank" ] && main_rank=$rank
+done
 for rank in $ranks; do
   [ "$rank" = "$config_rank" ] && main_rank=$rank
 done
 compare_args=(--config "$config" --reference-method "$reference_method" --main-rank "$main_rank"
               --out "$exp_root/RESULTS.md" --command "${command_line% }")
 [ -n "$target_dev_cer" ] && compare_args+=(--target-dev-cer "$target_dev_cer")
-python -m sparlora.compare "${compare_args[@]}" "${overrides[@]}"
+if ! python -m sparlora.compare "${compare_args[@]}" "${overrides[@]}"; then
+  echo "$0: writing $exp_root/RESULTS.md failed (see the error above); a RESULTS.md there is from an earlier call" >&2
+  [ ${#failed[@]} -gt 0 ] && echo "$0: ${#failed[@]} run(s) failed: ${failed[*]}; see their run.log" >&2
+  exit 1
+fi
 log "runs finished in $(( $(date +%s) - start_all )) s; results: $exp_root/RESULTS.md"
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sparlora.kaldi_io import atomic_write_text, read_table
 from sparlora.noise import decode_split_names
@@ -77,6 +78,19 @@ class Run:
     total_parameters: int | None = None
     init_seconds: float | None = None
     scores: dict[str, ScoreResult] = field(default_factory=dict)  # test set -> scores
+    scoring_text: dict = field(default_factory=dict)  # the run's scoring.text settings
+
+    @property
+    def planned_epochs(self) -> int | None:
+        """Epochs that the run's config sets, or None when it sets none."""
+        epochs = self.train_settings.get("epochs")
+        return int(epochs) if isinstance(epochs, int) else None
+
+    @property
+    def finished(self) -> bool:
+        """True when train.log records every epoch that the config sets."""
+        planned = self.planned_epochs
+        return planned is None or (bool(self.epochs) and int(self.epochs[-1]["epoch"]) >= planned)
 
     @property
     def final_dev_cer(self) -> float | None:
@@ -110,11 +124,13 @@ class Comparison:
 # --- reading run folders ---------------------------------------------------------------
 
 
-def parse_epoch_records(log_text: str) -> list[dict]:
+def parse_epoch_records(log_text: str, source: str = "train.log") -> list[dict]:
     """Return the per-epoch records of a train.log, sorted by epoch, the last line of each epoch winning.
 
     A line reads `epoch 3 done: epoch 3, step 120, train_loss 1.2345, ..., dev_cer 0.4123`.
-    Integer fields become int and the others float.
+    Integer fields become int and the others float. A line with a field that is not a
+    number (a line cut off when the process was killed) is skipped with a warning that
+    names `source`.
     """
     records: dict[int, dict] = {}
     for match in EPOCH_LINE.finditer(log_text):
@@ -124,7 +140,14 @@ def parse_epoch_records(log_text: str) -> list[dict]:
             try:
                 record[name] = int(value)
             except ValueError:
-                record[name] = float(value)
+                try:
+                    record[name] = float(value)
+                except ValueError:
+                    record = {}
+                    break
+        if not record or record.get("epoch") != int(match.group(1)):
+            logger.warning("%s: skipping a malformed epoch line: %r", source, match.group(0)[:200])
+            continue
         records[int(match.group(1))] = record
     return [records[epoch] for epoch in sorted(records)]
 
@@ -172,19 +195,26 @@ def load_run(exp_dir: Path, data_dir: Path, test_sets: Sequence[str]) -> Run:
     train_log = exp_dir / "train.log"
     if not train_log.is_file():
         raise FileNotFoundError(f"{train_log} not found; run stage 3 for {exp_dir.name}")
-    run.epochs = parse_epoch_records(train_log.read_text(encoding="utf-8", errors="replace"))
+    run.epochs = parse_epoch_records(train_log.read_text(encoding="utf-8", errors="replace"), str(train_log))
     log_text = _read_logs(exp_dir)
     counts = parse_trainable(log_text)
     if counts is not None:
         run.trainable, run.total_parameters = counts
     run.init_seconds = parse_init_seconds(log_text)
 
+    run.scoring_text = OmegaConf.to_container(cfg.scoring.text, resolve=True) or {}
     norm_cfg = TextNormConfig.from_dict(cfg.scoring.text)
     for test_set in test_sets:
         hyp_path = exp_dir / f"decode_{test_set}" / "hyp"
         if not hyp_path.is_file():
             raise FileNotFoundError(f"{hyp_path} not found; run stage 4 for {exp_dir.name}")
-        run.scores[test_set] = score_hyp_file(data_dir / test_set / "text", hyp_path, norm_cfg)
+        scores = score_hyp_file(data_dir / test_set / "text", hyp_path, norm_cfg)
+        if scores.missing_hyp or scores.extra_hyp:
+            logger.warning("run %s, %s: %d utterances without a hypothesis (scored as deletions), %d extra ignored",
+                           run.tag, test_set, len(scores.missing_hyp), len(scores.extra_hyp))
+        run.scores[test_set] = scores
+    if not run.finished:
+        logger.warning("run %s: train.log records %d of %d epochs", run.tag, len(run.epochs), run.planned_epochs)
     return run
 
 
@@ -209,7 +239,37 @@ def find_runs(exp_root: Path, data_dir: Path, test_sets: Sequence[str], tags: Se
             runs.append(load_run(exp_dir, data_dir, test_sets))
         except FileNotFoundError as error:
             logger.warning("skipping run %s: %s", exp_dir.name, error)
+        except (ValueError, KeyError, AttributeError, OmegaConfBaseException) as error:
+            # A config.yaml that is not a recipe config, or a method.rank that is not a number.
+            logger.warning("skipping run %s: %s is not a recipe config of stage 3 (%s: %s)", exp_dir.name,
+                           exp_dir / "config.yaml", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
     return runs
+
+
+def duplicate_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """Return the groups of two or more runs that share method, rank and training split."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.method, run.rank, run.train_split), []).append(run)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def run_label(run: Run, runs: Sequence[Run]) -> str:
+    """Return the method name, with the run folder added when another run has the same method, rank and split."""
+    twins = [other for other in runs if (other.method, other.rank, other.train_split) == (run.method, run.rank, run.train_split)]
+    return f"{run.method} ({run.tag})" if len(twins) > 1 else run.method
+
+
+def preferred_run(candidates: Sequence[Run], reference_method: str) -> Run | None:
+    """Pick one of several runs of the same method, rank and split: the one whose folder
+    name compare_methods.sh would give it, else the first folder by name."""
+    if not candidates:
+        return None
+    for run in candidates:
+        expected = f"{reference_method}_r{run.rank}" if run.method == reference_method else f"{run.method}_r{run.rank}"
+        if run.tag == expected or run.tag == f"{expected}_{run.train_split}":
+            return run
+    return min(candidates, key=lambda run: run.tag)
 
 
 # --- comparisons -------------------------------------------------------------------------
@@ -221,9 +281,10 @@ def reference_run(run: Run, runs: Sequence[Run], reference_method: str) -> Run |
     A run of rank 0 (full fine-tuning) gets the reference run of its split with the highest rank.
     """
     candidates = [other for other in runs if other.method == reference_method and other.train_split == run.train_split]
-    if run.rank == 0:
-        return max(candidates, key=lambda other: other.rank, default=None)
-    return next((other for other in candidates if other.rank == run.rank), None)
+    if run.rank == 0 and candidates:
+        highest = max(other.rank for other in candidates)
+        return preferred_run([other for other in candidates if other.rank == highest], reference_method)
+    return preferred_run([other for other in candidates if other.rank == run.rank], reference_method)
 
 
 def compare_runs(run: Run, reference: Run, test_set: str, resamples: int, seed: int) -> Comparison:
@@ -251,10 +312,13 @@ def convergence_epoch(epochs: Sequence[dict], threshold: float) -> int | None:
 
 
 def differing_settings(runs: Sequence[Run]) -> list[str]:
-    """Return the `train.*` settings whose values differ between runs, as dotted names."""
-    names = sorted({name for run in runs for name in run.train_settings})
-    return [f"train.{name}" for name in names
-            if len({repr(run.train_settings.get(name)) for run in runs}) > 1]
+    """Return the `train.*` and `scoring.text.*` settings whose values differ between runs, as dotted names."""
+    differing = []
+    for prefix, settings_of in (("train", lambda run: run.train_settings), ("scoring.text", lambda run: run.scoring_text)):
+        names = sorted({name for run in runs for name in settings_of(run)})
+        differing += [f"{prefix}.{name}" for name in names
+                      if len({repr(settings_of(run).get(name)) for run in runs}) > 1]
+    return differing
 
 
 # --- Markdown --------------------------------------------------------------------------------
@@ -269,7 +333,9 @@ def _signed_percent(rate: float) -> str:
 
 
 def format_p_value(p: float) -> str:
-    """Return p with 3 decimals, or in scientific notation below 0.001."""
+    """Return p with 3 decimals, in scientific notation below 0.001, or "n/a" for nan."""
+    if math.isnan(p):
+        return "n/a"
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
@@ -297,11 +363,11 @@ def cer_table(runs: Sequence[Run], base: dict[str, ScoreResult], test_sets: Sequ
     for run in runs:
         rank = str(run.rank) if run.rank else "–"
         cers = " | ".join(_percent(run.scores[name].cer) for name in test_sets)
-        lines.append(f"| {run.method} | {rank} | {run.train_split} | {cers} |")
+        lines.append(f"| {run_label(run, runs)} | {rank} | {run.train_split} | {cers} |")
     return lines
 
 
-def comparison_table(comparisons: Sequence[Comparison]) -> list[str]:
+def comparison_table(comparisons: Sequence[Comparison], runs: Sequence[Run] = ()) -> list[str]:
     """Return the Markdown table of relative CER changes against the reference runs."""
     lines = [
         "| method | rank | train split | test set | CER % | reference CER % | relative change % | 95% CI % "
@@ -320,7 +386,7 @@ def comparison_table(comparisons: Sequence[Comparison]) -> list[str]:
                         if not math.isnan(bootstrap.relative_ci_low) else "n/a")
             p_bootstrap = format_p_value(bootstrap.p_value)
         lines.append(
-            f"| {run.method} | {rank} | {run.train_split} | {comparison.test_set} "
+            f"| {run_label(run, runs)} | {rank} | {run.train_split} | {comparison.test_set} "
             f"| {_percent(run.scores[comparison.test_set].cer)} "
             f"| {_percent(comparison.reference.scores[comparison.test_set].cer)} "
             f"| {change} | {interval} | {p_bootstrap} | {format_p_value(sign.p_value)} "
@@ -352,9 +418,10 @@ def cost_table(runs: Sequence[Run], thresholds: dict[str, float | None], thresho
         else:
             epoch = convergence_epoch(run.epochs, threshold)
             converged = f"{epoch if epoch is not None else 'not reached'} (≤ {_percent(threshold)}%)"
+        epochs = str(len(run.epochs)) if run.finished else f"{len(run.epochs)} of {run.planned_epochs}"
         lines.append(
-            f"| {run.method} | {rank} | {run.train_split} | {trainable} | {share} | {init} | {minutes} "
-            f"| {len(run.epochs)} | {_percent(run.final_dev_cer)} | {converged} |"
+            f"| {run_label(run, runs)} | {rank} | {run.train_split} | {trainable} | {share} | {init} | {minutes} "
+            f"| {epochs} | {_percent(run.final_dev_cer)} | {converged} |"
         )
     return lines
 
@@ -365,7 +432,12 @@ def ablation_table(runs: Sequence[Run], test_sets: Sequence[str], split: str, ra
     Returns no lines when fewer than two of the ablation's runs exist. A missing step
     gets a row marked "not run".
     """
-    by_method = {run.method: run for run in runs if run.train_split == split and run.rank == rank}
+    by_method = {}
+    for method in {run.method for run in runs}:
+        chosen = preferred_run([run for run in runs if run.method == method and run.train_split == split and run.rank == rank],
+                               method)
+        if chosen is not None:
+            by_method[method] = chosen
     present = [step for step in ABLATION_STEPS if step[1] in by_method]
     if len(present) < 2:
         return []
@@ -403,6 +475,26 @@ class ComparisonReport:
     threshold_label: str
     resamples: int
     seed: int
+    notes: list[str] = field(default_factory=list)  # data problems that RESULTS.md lists before the tables
+
+
+def report_notes(runs: Sequence[Run], test_sets: Sequence[str]) -> list[str]:
+    """Return one line per problem that makes a run's numbers differ from a clean run's."""
+    notes = []
+    for run in runs:
+        if not run.finished:
+            notes.append(f"{run.tag}: unfinished, train.log records {len(run.epochs)} of {run.planned_epochs} epochs")
+        for test_set in test_sets:
+            scores = run.scores[test_set]
+            if scores.missing_hyp:
+                notes.append(f"{run.tag}, {test_set}: {len(scores.missing_hyp)} of {len(scores.utterances)} utterances "
+                             "have no hypothesis and count as deletions")
+            if scores.extra_hyp:
+                notes.append(f"{run.tag}, {test_set}: {len(scores.extra_hyp)} hypotheses without a reference, ignored")
+    for group in duplicate_groups(runs):
+        notes.append(f"runs with the same method, rank and training split: {', '.join(run.tag for run in group)} "
+                     "(tables add the folder name; the reference is the first of these)")
+    return notes
 
 
 def build_report(runs: Sequence[Run], base: dict[str, ScoreResult], test_sets: Sequence[str], main_split: str,
@@ -413,20 +505,27 @@ def build_report(runs: Sequence[Run], base: dict[str, ScoreResult], test_sets: S
     `target_dev_cer` (a fraction) sets one dev CER for the convergence column of all
     runs. When it is None, each run uses the final dev CER of its reference run.
     """
-    ordered = sorted(runs, key=lambda run: _run_sort_key(run, main_split, reference_method))
+    ordered = sorted(runs, key=lambda run: (_run_sort_key(run, main_split, reference_method), run.tag))
     comparisons = []
     thresholds: dict[str, float | None] = {}
+    notes = report_notes(ordered, test_sets)
     for run in ordered:
         reference = reference_run(run, ordered, reference_method)
         thresholds[run.tag] = target_dev_cer if target_dev_cer is not None else (
             reference.final_dev_cer if reference is not None else None)
         if reference is None or reference is run:
             continue
+        if run.scoring_text != reference.scoring_text:
+            # Other normalization means other reference lengths: the paired statistics do not apply.
+            notes.append(f"{run.tag}: not compared with {reference.tag}, because their scoring.text settings differ")
+            continue
         for test_set in test_sets:
             comparisons.append(compare_runs(run, reference, test_set, resamples, seed))
     label = f"{100 * target_dev_cer:.2f}%" if target_dev_cer is not None else f"{reference_method}'s final"
+    for note in notes:
+        logger.warning("%s", note)
     return ComparisonReport(list(ordered), dict(base), list(test_sets), main_split, main_rank, reference_method,
-                            comparisons, thresholds, label, resamples, seed)
+                            comparisons, thresholds, label, resamples, seed, notes)
 
 
 def results_markdown(report: ComparisonReport, corpus: str, figures: Sequence[tuple[str, str]] = (),
@@ -443,7 +542,9 @@ def results_markdown(report: ComparisonReport, corpus: str, figures: Sequence[tu
         f"- test sets: {', '.join(report.test_sets)}",
     ]
     differing = differing_settings(runs)
-    lines.append(f"- train settings that differ between runs: {', '.join(differing) if differing else 'none'}")
+    lines.append(f"- settings that differ between runs: {', '.join(differing) if differing else 'none'}")
+    if report.notes:
+        lines += ["", "Check before reading the tables:", "", *[f"- {note}" for note in report.notes]]
 
     lines += [
         "",
@@ -458,12 +559,13 @@ def results_markdown(report: ComparisonReport, corpus: str, figures: Sequence[tu
         "",
         f"Relative change = (CER − CER_ref) / CER_ref, against the {report.reference_method} run of the same "
         "training split and rank (full fine-tuning: the one with the highest rank). 95% CI and p (bootstrap): "
-        f"paired bootstrap over utterances, {report.resamples:,} resamples, seed {report.seed}, two-sided. "
+        f"paired bootstrap over utterances, {report.resamples:,} resamples, seed {report.seed}, two-sided "
+        "(n/a when every resample gives the same difference). "
         "p (sign test): exact two-sided sign test of per-utterance error counts, ties left out. "
         "Better / worse / tied counts the utterances with fewer / more / equal errors than the reference.",
         "",
     ]
-    lines += comparison_table(report.comparisons) if report.comparisons else [f"No run has a {report.reference_method} run to compare with."]
+    lines += comparison_table(report.comparisons, runs) if report.comparisons else [f"No run has a {report.reference_method} run to compare with."]
 
     lines += [
         "",

@@ -30,6 +30,13 @@ def line_style(index: int) -> dict:
     return {"color": COLORS[index % len(COLORS)], "linestyle": LINE_STYLES[(index // len(COLORS)) % len(LINE_STYLES)]}
 
 
+def legend_label(text: str) -> str:
+    """Return `text` as matplotlib shows it literally: `$` escaped (no math mode), and a
+    leading space before `_`, since matplotlib leaves labels that start with `_` out of legends."""
+    text = text.replace("$", r"\$")
+    return f" {text}" if text.startswith("_") else text
+
+
 def add_legend(figure: Figure, axes) -> None:
     """Place the legend of `axes` to the right of the plot area, where it covers no data."""
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
@@ -54,7 +61,7 @@ def plot_dev_cer(runs: Sequence["Run"], path: Path) -> dict[str, tuple[list[int]
     axes = figure.add_subplot()
     for index, (tag, (epochs, cers)) in enumerate(series.items()):
         width = 2.4 if methods[tag] == HIGHLIGHTED_METHOD else 1.2
-        axes.plot(epochs, cers, marker="o", markersize=3, linewidth=width, label=tag, **line_style(index))
+        axes.plot(epochs, cers, marker="o", markersize=3, linewidth=width, label=legend_label(tag), **line_style(index))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("dev CER (%)")
@@ -94,11 +101,11 @@ def plot_cer_vs_rank(runs: Sequence["Run"], test_sets: Sequence[str], path: Path
             cers = [100 * cer for _, cer in points]
             series[test_set][method] = (ranks, cers)
             width = 2.4 if method == HIGHLIGHTED_METHOD else 1.2
-            axes.plot(ranks, cers, marker="o", linewidth=width, label=method, **line_style(style_index))
+            axes.plot(ranks, cers, marker="o", linewidth=width, label=legend_label(method), **line_style(style_index))
         for offset, run in enumerate(unranked):
             if run.scores[test_set].cer is not None:
                 color = line_style(len(ranked) + offset)["color"]
-                axes.axhline(100 * run.scores[test_set].cer, linestyle="--", color=color, label=f"{run.method} (no rank)")
+                axes.axhline(100 * run.scores[test_set].cer, linestyle="--", color=color, label=legend_label(f"{run.method} (no rank)"))
         if base and test_set in base and base[test_set].cer is not None:
             axes.axhline(100 * base[test_set].cer, linestyle=":", color="black", label="base model, zero-shot")
         axes.set_xscale("log", base=2)

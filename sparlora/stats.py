@@ -95,7 +95,8 @@ def paired_bootstrap(
     tests "no difference" by centering the resampled differences on zero: it is
     (1 + #{|d* - d| >= |d|}) / (1 + resamples), where d is the observed difference and
     d* a resampled one. Identical systems therefore get p = 1, and the smallest possible
-    p-value is 1 / (1 + resamples). A resample whose references are all empty has no CER
+    p-value is 1 / (1 + resamples). When every resample gives the same nonzero
+    difference (a single utterance, for one), p is nan. A resample whose references are all empty has no CER
     and is left out of the interval and the p-value, with a warning.
     """
     lengths = _as_counts(ref_lengths, "ref_lengths")
@@ -138,6 +139,11 @@ def paired_bootstrap(
     # The same tolerance keeps float rounding of equal sums from counting as a difference.
     extreme = np.abs(differences - difference) >= abs(difference) - 1e-12
     p_value = (1 + int(extreme.sum())) / (1 + differences.size)
+    if difference != 0 and np.ptp(differences) <= 1e-12:
+        # Every resample gives the same difference (a single utterance, or the same error
+        # difference per character in every utterance), so resampling measures no spread.
+        logger.warning("all %d resamples give the same CER difference, so the bootstrap gives no p-value", differences.size)
+        p_value = math.nan
     return BootstrapResult(
         cer_a=float(cer_a), cer_b=float(cer_b), difference=float(difference),
         ci_low=float(ci_low), ci_high=float(ci_high),

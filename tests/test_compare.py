@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from sparlora.compare import (
@@ -267,7 +269,7 @@ def test_header_lines(report):
     assert text.startswith("# Method comparison: toy\n")
     assert "- command: `bash compare.sh`" in text
     assert "- runs: 7; main training split: train; main rank: 16; training seed: 1234" in text
-    assert "- train settings that differ between runs: train.epochs" in text
+    assert "- settings that differ between runs: train.epochs" in text
     assert text.endswith("## Figures\n\n![dev CER](dev.png)\n")
 
 
@@ -366,3 +368,120 @@ def test_run_order_ablation_then_controls():
     ordered = [run.method for run in sorted(runs, key=lambda run: _run_sort_key(run, "train", "lora"))]
 
     assert ordered == ["lora", "sparlora_dft", "sparlora_phase", "sparlora", "sparlora_random", "adalora", "full", "pissa"]
+
+
+# --- runs that are not clean
+
+
+def test_cut_epoch_line_skipped(caplog):
+    text = epoch_line(1, 0.5, 1.0) + f"{LOG_PREFIX} [__main__] epoch 2 done: epoch 2, step\n"
+
+    with caplog.at_level(logging.WARNING, logger="sparlora.compare"):
+        records = parse_epoch_records(text, "run_x/train.log")
+
+    assert [record["epoch"] for record in records] == [1]
+    assert "run_x/train.log: skipping a malformed epoch line" in caplog.text
+
+
+def copy_comparison(corpus, tmp_path):
+    """Return a copy of the comparison tree, which a test may change."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(corpus, tree)
+    return tree
+
+
+def test_unreadable_run_skipped(corpus, tmp_path, caplog):
+    tree = copy_comparison(corpus, tmp_path)
+    write_text(tree / "exp" / "lora_r8" / "config.yaml", "model: funasr\n")
+    write_text(tree / "exp" / "lora_rabc" / "config.yaml",
+               "method:\n  name: lora\n  rank: abc\ncorpus:\n  train_split: train\ntrain: {}\nscoring:\n  text: {}\n")
+    write_text(tree / "exp" / "lora_rabc" / "train.log", "")
+
+    with caplog.at_level(logging.WARNING, logger="sparlora.compare"):
+        runs = find_runs(tree / "exp", tree / "data", TEST_SETS)
+
+    assert "lora_r8" not in {run.tag for run in runs}
+    assert "lora_rabc" not in {run.tag for run in runs}
+    assert len(runs) == 6
+    assert f"skipping run lora_r8: {tree / 'exp' / 'lora_r8' / 'config.yaml'} is not a recipe config" in caplog.text
+    assert "skipping run lora_rabc" in caplog.text
+
+
+def test_partial_and_unfinished_runs_noted(corpus, tmp_path):
+    from sparlora.compare import base_scores
+    from sparlora.text import TextNormConfig
+
+    tree = copy_comparison(corpus, tmp_path)
+    hyp = tree / "exp" / "sparlora_r16" / "decode_sc_test" / "hyp"
+    hyp.write_text("".join(hyp.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    config = tree / "exp" / "lora_r8" / "config.yaml"
+    config.write_text(config.read_text(encoding="utf-8").replace("epochs: 3", "epochs: 5"), encoding="utf-8")
+    runs = find_runs(tree / "exp", tree / "data", TEST_SETS)
+    base = base_scores(tree / "exp", tree / "data", TEST_SETS, TextNormConfig())
+
+    report = build_report(runs, base, TEST_SETS, "train", 16, resamples=10)
+    text = results_markdown(report, "toy")
+
+    assert "- sparlora_r16, sc_test: 2 of 4 utterances have no hypothesis and count as deletions" in text
+    assert "- lora_r8: unfinished, train.log records 3 of 5 epochs" in text
+    lora_r8_row = next(row for row in rows(text, "| method | rank | train split | trainable") if row.startswith("| lora | 8 |"))
+    assert "| 3 of 5 |" in lora_r8_row
+
+
+def test_duplicate_runs_named_and_one_reference(corpus, tmp_path):
+    import shutil
+
+    from sparlora.compare import base_scores, reference_run
+    from sparlora.text import TextNormConfig
+
+    tree = copy_comparison(corpus, tmp_path)
+    shutil.copytree(tree / "exp" / "lora_r16", tree / "exp" / "aaa_lora_copy")
+    write_text(tree / "exp" / "aaa_lora_copy" / "decode_sc_test" / "hyp",
+               "".join(f"{key} {text}\n" for key, text in HYPS["worse"]["sc_test"].items()))
+    runs = find_runs(tree / "exp", tree / "data", TEST_SETS)
+    base = base_scores(tree / "exp", tree / "data", TEST_SETS, TextNormConfig())
+    by_tag = {run.tag: run for run in runs}
+
+    report = build_report(runs, base, TEST_SETS, "train", 16, resamples=10)
+    text = results_markdown(report, "toy")
+
+    assert reference_run(by_tag["sparlora_r16"], runs, "lora").tag == "lora_r16"
+    assert "| lora (aaa_lora_copy) | 16 | train |" in text
+    assert "| lora (lora_r16) | 16 | train |" in text
+    assert "runs with the same method, rank and training split: aaa_lora_copy, lora_r16" in text
+    ablation = rows(text, "| step |")
+    assert ablation[0].split(" | ")[5] == f"{100 * 2 / 18:.2f}"
+
+
+def test_other_scoring_not_compared(corpus, tmp_path):
+    from sparlora.compare import base_scores
+    from sparlora.text import TextNormConfig
+
+    tree = copy_comparison(corpus, tmp_path)
+    config = tree / "exp" / "lora_r16" / "config.yaml"
+    config.write_text(config.read_text(encoding="utf-8").replace("  text: {}\n", "  text:\n    numerals: arabic\n"),
+                      encoding="utf-8")
+    runs = find_runs(tree / "exp", tree / "data", TEST_SETS)
+    base = base_scores(tree / "exp", tree / "data", TEST_SETS, TextNormConfig())
+
+    report = build_report(runs, base, TEST_SETS, "train", 16, resamples=10)
+    text = results_markdown(report, "toy")
+
+    assert "- sparlora_r16: not compared with lora_r16, because their scoring.text settings differ" in text
+    assert not [c for c in report.comparisons if c.run.tag == "sparlora_r16"]
+    assert "scoring.text.numerals" in text
+
+
+def test_odd_run_names_drawn_literally(report, tmp_path):
+    from sparlora.plots import legend_label
+
+    run = next(run for run in report.runs if run.tag == "lora_r16")
+    odd = [type(run)(**{**run.__dict__, "tag": tag}) for tag in ("pissa$\\foo$", "_old run")]
+
+    series = plot_dev_cer(odd, tmp_path / "dev.png")
+
+    assert set(series) == {"pissa$\\foo$", "_old run"}
+    assert legend_label("pissa$\\foo$") == "pissa\\$\\foo\\$"
+    assert legend_label("_old run") == " _old run"

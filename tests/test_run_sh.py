@@ -54,6 +54,11 @@ def test_stage_error_is_one_line():
                                           "available: adalora dora full lora"),
     (["--sweep-methods", "nosuch"], "unknown method 'nosuch'"),
     (["--methods", "", "--sweep-methods", ""], "no runs: --methods and --sweep-methods are both empty"),
+    (["--methods", "lora ../demo"], "invalid method name '../demo'"),
+    (["--ranks", "abc"], "invalid rank 'abc' in --ranks or --sweep-ranks"),
+    (["--ranks", "8 0"], "invalid rank '0'"),
+    (["--sweep-ranks", "08"], "invalid rank '08'"),
+    (["--ranks", ""], "--ranks is empty"),
 ])
 def test_compare_methods_rejects_bad_method_lists(args, message, tmp_path):
     # Checked before any stage runs, so nothing is written under the experiment root.

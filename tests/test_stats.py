@@ -81,6 +81,16 @@ def test_constant_difference_gives_point_interval():
     assert result.difference == pytest.approx(-0.1)
     assert result.ci_low == pytest.approx(-0.1)
     assert result.ci_high == pytest.approx(-0.1)
+    # No spread among the resamples, so no bootstrap p-value; the sign test still has one.
+    assert math.isnan(result.p_value)
+    assert sign_test(a, b).p_value == pytest.approx(2 * 0.5**25)
+
+
+def test_one_utterance_has_no_p_value():
+    result = paired_bootstrap([1], [2], [5], resamples=200)
+
+    assert result.difference == pytest.approx(0.2)
+    assert math.isnan(result.p_value)
 
 
 def test_interval_matches_normal_approximation():
