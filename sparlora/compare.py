@@ -36,6 +36,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sparlora.export import decoded_weight_files
 from sparlora.kaldi_io import atomic_write_text, read_table
 from sparlora.noise import decode_split_names
 from sparlora.score import ScoreResult, cer_counts, provenance_lines
@@ -79,6 +80,8 @@ class Run:
     init_seconds: float | None = None
     scores: dict[str, ScoreResult] = field(default_factory=dict)  # test set -> scores
     scoring_text: dict = field(default_factory=dict)  # the run's scoring.text settings
+    # test set -> weight files of its stage 4 decode, when they are not final_model/model.pt
+    other_weights: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def planned_epochs(self) -> int | None:
@@ -208,6 +211,11 @@ def load_run(exp_dir: Path, data_dir: Path, test_sets: Sequence[str]) -> Run:
         hyp_path = exp_dir / f"decode_{test_set}" / "hyp"
         if not hyp_path.is_file():
             raise FileNotFoundError(f"{hyp_path} not found; run stage 4 for {exp_dir.name}")
+        fingerprint = hyp_path.parent / "fingerprint"
+        if fingerprint.is_file():
+            used = decoded_weight_files(fingerprint)
+            if used != [(exp_dir / "final_model" / "model.pt").resolve()]:
+                run.other_weights[test_set] = [str(path) for path in used]
         scores = score_hyp_file(data_dir / test_set / "text", hyp_path, norm_cfg)
         if scores.missing_hyp or scores.extra_hyp:
             logger.warning("run %s, %s: %d utterances without a hypothesis (scored as deletions), %d extra ignored",
@@ -491,6 +499,9 @@ def report_notes(runs: Sequence[Run], test_sets: Sequence[str]) -> list[str]:
                              "have no hypothesis and count as deletions")
             if scores.extra_hyp:
                 notes.append(f"{run.tag}, {test_set}: {len(scores.extra_hyp)} hypotheses without a reference, ignored")
+        for test_set, weights in run.other_weights.items():
+            notes.append(f"{run.tag}, {test_set}: decoded with {', '.join(weights)}, not final_model "
+                         "(decode.checkpoint last or adapter)")
     for group in duplicate_groups(runs):
         notes.append(f"runs with the same method, rank and training split: {', '.join(run.tag for run in group)} "
                      "(tables add the folder name; the reference is the first of these)")

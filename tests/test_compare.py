@@ -485,3 +485,27 @@ def test_odd_run_names_drawn_literally(report, tmp_path):
     assert set(series) == {"pissa$\\foo$", "_old run"}
     assert legend_label("pissa$\\foo$") == "pissa\\$\\foo\\$"
     assert legend_label("_old run") == " _old run"
+
+
+def test_decode_of_other_weights_noted(corpus, tmp_path):
+    from sparlora.compare import base_scores
+    from sparlora.decode import decode_fingerprint
+    from sparlora.text import TextNormConfig
+
+    tree = copy_comparison(corpus, tmp_path)
+    run_dir = tree / "exp" / "lora_r16"
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    write_text(adapter, "weights")
+    write_text(tree / "base_model.pt", "weights")
+    write_text(tree / "data" / "sc_test" / "data.jsonl", "{}\n")
+    (run_dir / "decode_sc_test" / "fingerprint").write_text(
+        decode_fingerprint([tree / "base_model.pt", adapter], [tree / "data" / "sc_test" / "data.jsonl"], "batch_size=4"),
+        encoding="utf-8")
+    runs = find_runs(tree / "exp", tree / "data", TEST_SETS)
+    base = base_scores(tree / "exp", tree / "data", TEST_SETS, TextNormConfig())
+
+    text = results_markdown(build_report(runs, base, TEST_SETS, "train", 16, resamples=10), "toy")
+
+    assert (f"- lora_r16, sc_test: decoded with {tree / 'base_model.pt'}, {adapter}, not final_model "
+            "(decode.checkpoint last or adapter)") in text
+    assert "lora_r16, cmn_test: decoded with" not in text
