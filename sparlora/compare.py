@@ -653,6 +653,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data_dir=data/demo")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.tags:
+        # Overrides written after --tags land in its list; a folder name with "=" is not a tag.
+        args.overrides = [*args.overrides, *(tag for tag in args.tags if "=" in tag)]
+        args.tags = [tag for tag in args.tags if "=" not in tag]
 
     cfg = load_config(args.config, args.overrides)
     exp_root, data_dir = Path(cfg.exp_root), Path(cfg.data_dir)

@@ -333,6 +333,20 @@ def test_main_writes_results_and_figures(corpus, tmp_path):
     assert (tmp_path / "cer_vs_rank.png").is_file()
 
 
+def test_main_overrides_after_tags(corpus, tmp_path):
+    # exp_root=... after --tags is an override, not a run folder.
+    import shutil
+
+    moved = tmp_path / "moved_exp"
+    shutil.copytree(corpus / "exp", moved)
+    out = tmp_path / "R.md"
+
+    assert main(["--config", str(corpus / "compare.yaml"), "--out", str(out), "--resamples", "10",
+                 "--tags", "lora_r16", "sparlora_r16", f"exp_root={moved}"]) == 0
+
+    assert "- runs: 2;" in out.read_text(encoding="utf-8")
+
+
 def test_main_named_run_missing(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_run"):
         main(["--config", str(corpus / "compare.yaml"), "--tags", "no_such_run", "--out", str(tmp_path / "R.md")])

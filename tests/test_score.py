@@ -1,6 +1,7 @@
 """Tests of CER scoring, alignment output and RESULTS.md."""
 
 import importlib.metadata
+import logging
 
 import pytest
 
@@ -193,6 +194,16 @@ def test_write_trn_normalized_sides(tmp_path):
 
     assert (tmp_path / "ref.trn").read_text(encoding="utf-8") == "我 爱 北 京 (s1-u1)\n(s2-u2)\n今 天 (u3-u3)\n"
     assert (tmp_path / "hyp.trn").read_text(encoding="utf-8") == "我 爱 背 景 (s1-u1)\n嗯 (s2-u2)\n(u3-u3)\n"
+
+
+def test_write_trn_warns_on_bracketed_ids(tmp_path, caplog):
+    result = cer_counts({"u(5)": "你好", "u6": "你好"}, {"u(5)": "你好", "u6": "你"}, CFG)
+
+    with caplog.at_level(logging.WARNING, logger="sparlora.score"):
+        write_trn(result, tmp_path / "ref.trn", tmp_path / "hyp.trn", {"u6": "spk)B"})
+
+    assert "2 utterance or speaker ids contain '(' or ')', which sclite cannot read" in caplog.text
+    assert "(first: u(5))" in caplog.text
 
 
 # --- RESULTS.md
