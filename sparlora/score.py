@@ -225,7 +225,8 @@ def write_trn(result: ScoreResult, ref_path: str | Path, hyp_path: str | Path, s
     """
     speakers = speakers or {}
     ref_lines, hyp_lines = [], []
-    # sclite ends the utterance tag at the first ")", so such ids make the trn files misread.
+    # sclite (sctk 2.4.10) misreads a trn line whose ids contain a parenthesis: it counted
+    # "你 好 (u(5)-u(5))" as 3 words and gave it no speaker.
     bracketed = [utterance.utterance_id for utterance in result.utterances
                  if set("()") & set(utterance.utterance_id + speakers.get(utterance.utterance_id, ""))]
     if bracketed:
