@@ -79,14 +79,17 @@ def read_table(path: str | Path) -> list[tuple[str, str]]:
     The value is the rest of the line after the key and its separating spaces or tabs,
     without trailing spaces or tabs. It is "" when the line contains only the key. Blank
     lines are skipped, and their count is logged as a warning. A key that appears twice
-    raises ValueError naming the file and both line numbers.
+    raises ValueError naming the file and both line numbers. A file whose lines all end
+    with a lone '\r' (classic Mac line endings, no '\n' anywhere) is read line by line too.
     """
     path = Path(path)
     rows: list[tuple[str, str]] = []
     first_line_of_key: dict[str, int] = {}
     blank_lines: list[int] = []
+    data = path.read_bytes()
+    cr_only = b"\r" in data and b"\n" not in data
 
-    for line_number, line in enumerate(read_lines(path), start=1):
+    for line_number, line in enumerate(read_lines(path, lone_cr_ends_line=cr_only), start=1):
         stripped = line.strip(" \t")
         if not stripped:
             blank_lines.append(line_number)

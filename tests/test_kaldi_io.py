@@ -56,6 +56,22 @@ def test_read_crlf(tmp_path):
     assert "\r" not in rows[0][1]
 
 
+def test_read_cr_only_file(tmp_path):
+    # Classic Mac line endings: each lone CR ends a line, so no utterance swallows the next.
+    path = tmp_path / "hyp"
+    path.write_bytes("u1 我爱\ru2 北京\r".encode("utf-8"))
+
+    assert read_table(path) == [("u1", "我爱"), ("u2", "北京")]
+
+
+def test_read_lone_cr_inside_lf_file_kept(tmp_path):
+    # In a file with LF line ends, a lone CR is part of the value; stage 0 deals with it.
+    path = tmp_path / "text"
+    path.write_bytes("u1 我爱\r北京\nu2 你好\n".encode("utf-8"))
+
+    assert read_table(path) == [("u1", "我爱\r北京"), ("u2", "你好")]
+
+
 def test_read_ignores_locale(tmp_path):
     # With the C locale, no UTF-8 mode and no locale coercion, Python's default encoding is
     # ASCII, and stdout is GBK: a reader relying on either would fail or garble the text.
