@@ -65,7 +65,8 @@ for rank in $ranks $sweep_ranks; do
     exit 1
   fi
 done
-if [ -n "${methods// /}" ] && [ -z "${ranks// /}" ]; then
+ranked_methods=$(printf '%s\n' $methods | grep -vx full || true)
+if [ -n "$ranked_methods" ] && [ -z "${ranks// /}" ]; then
   echo "$0: --ranks is empty; give the ranks of --methods, e.g. --ranks \"16 32\"" >&2
   exit 1
 fi

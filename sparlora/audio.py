@@ -147,8 +147,11 @@ def audio_info(source: str) -> AudioInfo:
 # libsndfile's header log for a WAV file whose data chunk is shorter than its header declares,
 # e.g. "data : 32000 (should be 15979)".
 _SHORT_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-# Data sizes that streaming writers put in the header when the length is not known yet.
-_UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)
+# Streaming writers put a placeholder data size in the header when the length is not known
+# yet: sox 14.4 writes 0x7FFFF000 to a pipe after speed, tempo or trim, others 0xFFFFFFFF.
+# Sizes from the smaller of those up are taken as unknown (a real one would be over 18 hours
+# of 16 kHz 16-bit mono).
+_PLACEHOLDER_DATA_SIZE = 0x7FFFF000
 
 
 def check_wav_data_size(sound: soundfile.SoundFile, source: str) -> None:
@@ -163,7 +166,7 @@ def check_wav_data_size(sound: soundfile.SoundFile, source: str) -> None:
     if match is None:
         return
     declared, present = int(match.group(1)), int(match.group(2))
-    if declared in _UNKNOWN_DATA_SIZES or present >= declared:
+    if declared >= _PLACEHOLDER_DATA_SIZE or present >= declared:
         return
     raise AudioError(source, "truncated", f"the WAV header declares {declared} bytes of audio, the file has {present}; "
                                           "copy or export the file again")

@@ -36,7 +36,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sparlora.export import decoded_weight_files
+from sparlora.export import decoded_weight_files, is_final_model_decode
 from sparlora.kaldi_io import atomic_write_text, read_table
 from sparlora.noise import decode_split_names
 from sparlora.score import ScoreResult, cer_counts, provenance_lines
@@ -90,10 +90,15 @@ class Run:
         return int(epochs) if isinstance(epochs, int) else None
 
     @property
+    def last_epoch(self) -> int:
+        """Number of the last epoch that train.log records, 0 when none."""
+        return int(self.epochs[-1]["epoch"]) if self.epochs else 0
+
+    @property
     def finished(self) -> bool:
-        """True when train.log records every epoch that the config sets."""
+        """True when train.log records the last epoch that the config sets."""
         planned = self.planned_epochs
-        return planned is None or (bool(self.epochs) and int(self.epochs[-1]["epoch"]) >= planned)
+        return planned is None or self.last_epoch >= planned
 
     @property
     def final_dev_cer(self) -> float | None:
@@ -184,16 +189,22 @@ def load_run(exp_dir: Path, data_dir: Path, test_sets: Sequence[str]) -> Run:
     config_path = exp_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; run stage 3 for {exp_dir.name}")
-    cfg = OmegaConf.load(config_path)
-    method = cfg.method
-    run = Run(
-        tag=exp_dir.name,
-        exp_dir=exp_dir,
-        method=str(method.name),
-        rank=int(method.rank) if method.get("rank") is not None else 0,
-        train_split=str(cfg.corpus.train_split),
-        train_settings=OmegaConf.to_container(cfg.train, resolve=True),
-    )
+    try:
+        cfg = OmegaConf.load(config_path)
+        method = cfg.method
+        run = Run(
+            tag=exp_dir.name,
+            exp_dir=exp_dir,
+            method=str(method.name),
+            rank=int(method.rank) if method.get("rank") is not None else 0,
+            train_split=str(cfg.corpus.train_split),
+            train_settings=OmegaConf.to_container(cfg.train, resolve=True),
+        )
+        scoring_text = cfg.scoring.text
+    except (ValueError, KeyError, AttributeError, OmegaConfBaseException) as error:
+        # Not the config.yaml of stage 3, or a method.rank that is not a number.
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(f"{config_path} is not a recipe config of stage 3 ({type(error).__name__}: {first_line})") from error
 
     train_log = exp_dir / "train.log"
     if not train_log.is_file():
@@ -205,8 +216,8 @@ def load_run(exp_dir: Path, data_dir: Path, test_sets: Sequence[str]) -> Run:
         run.trainable, run.total_parameters = counts
     run.init_seconds = parse_init_seconds(log_text)
 
-    run.scoring_text = OmegaConf.to_container(cfg.scoring.text, resolve=True) or {}
-    norm_cfg = TextNormConfig.from_dict(cfg.scoring.text)
+    run.scoring_text = OmegaConf.to_container(scoring_text, resolve=True) or {}
+    norm_cfg = TextNormConfig.from_dict(scoring_text)
     for test_set in test_sets:
         hyp_path = exp_dir / f"decode_{test_set}" / "hyp"
         if not hyp_path.is_file():
@@ -214,15 +225,13 @@ def load_run(exp_dir: Path, data_dir: Path, test_sets: Sequence[str]) -> Run:
         fingerprint = hyp_path.parent / "fingerprint"
         if fingerprint.is_file():
             used = decoded_weight_files(fingerprint)
-            if used != [(exp_dir / "final_model" / "model.pt").resolve()]:
+            if not is_final_model_decode(used, exp_dir):
                 run.other_weights[test_set] = [str(path) for path in used]
         scores = score_hyp_file(data_dir / test_set / "text", hyp_path, norm_cfg)
         if scores.missing_hyp or scores.extra_hyp:
             logger.warning("run %s, %s: %d utterances without a hypothesis (scored as deletions), %d extra ignored",
                            run.tag, test_set, len(scores.missing_hyp), len(scores.extra_hyp))
         run.scores[test_set] = scores
-    if not run.finished:
-        logger.warning("run %s: train.log records %d of %d epochs", run.tag, len(run.epochs), run.planned_epochs)
     return run
 
 
@@ -247,10 +256,9 @@ def find_runs(exp_root: Path, data_dir: Path, test_sets: Sequence[str], tags: Se
             runs.append(load_run(exp_dir, data_dir, test_sets))
         except FileNotFoundError as error:
             logger.warning("skipping run %s: %s", exp_dir.name, error)
-        except (ValueError, KeyError, AttributeError, OmegaConfBaseException) as error:
-            # A config.yaml that is not a recipe config, or a method.rank that is not a number.
-            logger.warning("skipping run %s: %s is not a recipe config of stage 3 (%s: %s)", exp_dir.name,
-                           exp_dir / "config.yaml", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        except ValueError as error:
+            # A config that is not stage 3's, or a table that cannot be read; the message names the file.
+            logger.warning("skipping run %s: %s", exp_dir.name, error)
     return runs
 
 
@@ -268,13 +276,13 @@ def run_label(run: Run, runs: Sequence[Run]) -> str:
     return f"{run.method} ({run.tag})" if len(twins) > 1 else run.method
 
 
-def preferred_run(candidates: Sequence[Run], reference_method: str) -> Run | None:
+def preferred_run(candidates: Sequence[Run]) -> Run | None:
     """Pick one of several runs of the same method, rank and split: the one whose folder
     name compare_methods.sh would give it, else the first folder by name."""
     if not candidates:
         return None
     for run in candidates:
-        expected = f"{reference_method}_r{run.rank}" if run.method == reference_method else f"{run.method}_r{run.rank}"
+        expected = f"{run.method}_r{run.rank}"
         if run.tag == expected or run.tag == f"{expected}_{run.train_split}":
             return run
     return min(candidates, key=lambda run: run.tag)
@@ -291,8 +299,8 @@ def reference_run(run: Run, runs: Sequence[Run], reference_method: str) -> Run |
     candidates = [other for other in runs if other.method == reference_method and other.train_split == run.train_split]
     if run.rank == 0 and candidates:
         highest = max(other.rank for other in candidates)
-        return preferred_run([other for other in candidates if other.rank == highest], reference_method)
-    return preferred_run([other for other in candidates if other.rank == run.rank], reference_method)
+        return preferred_run([other for other in candidates if other.rank == highest])
+    return preferred_run([other for other in candidates if other.rank == run.rank])
 
 
 def compare_runs(run: Run, reference: Run, test_set: str, resamples: int, seed: int) -> Comparison:
@@ -426,7 +434,7 @@ def cost_table(runs: Sequence[Run], thresholds: dict[str, float | None], thresho
         else:
             epoch = convergence_epoch(run.epochs, threshold)
             converged = f"{epoch if epoch is not None else 'not reached'} (≤ {_percent(threshold)}%)"
-        epochs = str(len(run.epochs)) if run.finished else f"{len(run.epochs)} of {run.planned_epochs}"
+        epochs = str(len(run.epochs)) if run.finished else f"{run.last_epoch} of {run.planned_epochs}"
         lines.append(
             f"| {run_label(run, runs)} | {rank} | {run.train_split} | {trainable} | {share} | {init} | {minutes} "
             f"| {epochs} | {_percent(run.final_dev_cer)} | {converged} |"
@@ -442,8 +450,7 @@ def ablation_table(runs: Sequence[Run], test_sets: Sequence[str], split: str, ra
     """
     by_method = {}
     for method in {run.method for run in runs}:
-        chosen = preferred_run([run for run in runs if run.method == method and run.train_split == split and run.rank == rank],
-                               method)
+        chosen = preferred_run([run for run in runs if run.method == method and run.train_split == split and run.rank == rank])
         if chosen is not None:
             by_method[method] = chosen
     present = [step for step in ABLATION_STEPS if step[1] in by_method]
@@ -491,7 +498,7 @@ def report_notes(runs: Sequence[Run], test_sets: Sequence[str]) -> list[str]:
     notes = []
     for run in runs:
         if not run.finished:
-            notes.append(f"{run.tag}: unfinished, train.log records {len(run.epochs)} of {run.planned_epochs} epochs")
+            notes.append(f"{run.tag}: unfinished, train.log ends at epoch {run.last_epoch} of {run.planned_epochs}")
         for test_set in test_sets:
             scores = run.scores[test_set]
             if scores.missing_hyp:
@@ -503,8 +510,9 @@ def report_notes(runs: Sequence[Run], test_sets: Sequence[str]) -> list[str]:
             notes.append(f"{run.tag}, {test_set}: decoded with {', '.join(weights)}, not final_model "
                          "(decode.checkpoint last or adapter)")
     for group in duplicate_groups(runs):
+        chosen = preferred_run(group)
         notes.append(f"runs with the same method, rank and training split: {', '.join(run.tag for run in group)} "
-                     "(tables add the folder name; the reference is the first of these)")
+                     f"(tables add the folder name; the reference and the ablation table use {chosen.tag})")
     return notes
 
 
@@ -571,7 +579,7 @@ def results_markdown(report: ComparisonReport, corpus: str, figures: Sequence[tu
         f"Relative change = (CER − CER_ref) / CER_ref, against the {report.reference_method} run of the same "
         "training split and rank (full fine-tuning: the one with the highest rank). 95% CI and p (bootstrap): "
         f"paired bootstrap over utterances, {report.resamples:,} resamples, seed {report.seed}, two-sided "
-        "(n/a when every resample gives the same difference). "
+        "(n/a when every resample gives the same nonzero difference). "
         "p (sign test): exact two-sided sign test of per-utterance error counts, ties left out. "
         "Better / worse / tied counts the utterances with fewer / more / equal errors than the reference.",
         "",

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"model not found: {model_dir / 'model.pt'}; run stage {2 if label == 'base' else 3} first")
         weight_files = [model_dir / "model.pt"]
         if adapter_dir is not None:
-            weight_files += sorted(adapter_dir.glob("adapter_model.*"))
+            weight_files += [adapter_dir / "adapter_config.json", *sorted(adapter_dir.glob("adapter_model.*"))]
         pending = {}
         for name, manifest in manifests.items():
             out_dir = exp_dir / f"decode_{name}"
@@ -179,7 +179,8 @@ def main(argv=None) -> int:
             model = load_adapter(model, adapter_dir)
         for name, fingerprint in pending.items():
             out_dir = exp_dir / f"decode_{name}"
-            logger.info("decoding %s with the %s model %s", name, label, model_dir)
+            logger.info("decoding %s with the %s model %s%s", name, label, model_dir,
+                        f" and the adapter {adapter_dir}" if adapter_dir is not None else "")
             decode_manifest(model, kwargs, manifests[name], out_dir,
                             cfg.decode.batch_size, device, cfg.audio.sample_rate, cfg.audio.channel)
             (out_dir / "fingerprint").write_text(fingerprint, encoding="utf-8")

@@ -91,11 +91,12 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
         return dst
     check_out_dir(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    # The marker goes first, so a copy that fails halfway can be rerun into the same folder.
+    atomic_write_text(dst / EXPORT_MARKER, f"copied by python -m sparlora.export from {src.resolve()}\n")
     for name in MODEL_FILES:
         partial = dst / f".{name}.partial"
         shutil.copyfile(src / name, partial)
         os.replace(partial, dst / name)
-    atomic_write_text(dst / EXPORT_MARKER, f"copied by python -m sparlora.export from {src.resolve()}\n")
     return dst
 
 
@@ -110,6 +111,15 @@ def decoded_weight_files(fingerprint: Path) -> list[Path]:
     return [path for path in paths if path.name != "data.jsonl"]
 
 
+def is_final_model_decode(weight_files: Sequence[Path], exp_dir: Path) -> bool:
+    """True when `weight_files` (of `decoded_weight_files`) are the run's own final_model/model.pt.
+
+    Compared by the last three path parts, so a run folder that was moved or copied with
+    its experiment root still matches.
+    """
+    return len(weight_files) == 1 and weight_files[0].parts[-3:] == (exp_dir.name, "final_model", "model.pt")
+
+
 def check_decoded_with_final_model(decode_dir: Path, final_dir: Path) -> None:
     """Raise RuntimeError when stage 4's decode in `decode_dir` did not use `final_dir`'s weights.
 
@@ -122,10 +132,9 @@ def check_decoded_with_final_model(decode_dir: Path, final_dir: Path) -> None:
         logger.warning("%s has no fingerprint, so the weights that stage 4 used are not known; assuming final_model", decode_dir)
         return
     used = decoded_weight_files(fingerprint)
-    expected = (final_dir / "model.pt").resolve()
-    if used != [expected]:
+    if not is_final_model_decode(used, final_dir.parent):
         raise RuntimeError(f"stage 4's decode in {decode_dir} used {', '.join(map(str, used)) or 'unknown weights'}, "
-                           f"not {expected}; run stage 4 with decode.checkpoint=final, then this check")
+                           f"not {final_dir / 'model.pt'}; run stage 4 with decode.checkpoint=final, then this check")
 
 
 def merged_last_weights(exp_dir: Path, model_dir: Path) -> Path:

@@ -87,7 +87,7 @@ def read_table(path: str | Path) -> list[tuple[str, str]]:
     first_line_of_key: dict[str, int] = {}
     blank_lines: list[int] = []
     data = path.read_bytes()
-    cr_only = b"\r" in data and b"\n" not in data
+    cr_only = data.endswith(b"\r") and b"\n" not in data
 
     for line_number, line in enumerate(read_lines(path, lone_cr_ends_line=cr_only), start=1):
         stripped = line.strip(" \t")

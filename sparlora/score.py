@@ -230,8 +230,8 @@ def write_trn(result: ScoreResult, ref_path: str | Path, hyp_path: str | Path, s
     bracketed = [utterance.utterance_id for utterance in result.utterances
                  if set("()") & set(utterance.utterance_id + speakers.get(utterance.utterance_id, ""))]
     if bracketed:
-        logger.warning("%d utterance or speaker ids contain '(' or ')', which sclite cannot read in %s "
-                       "(first: %s); our CER is not affected", len(bracketed), hyp_path, bracketed[0])
+        logger.warning("%d utterance or speaker ids contain '(' or ')', which sclite cannot read in %s and %s "
+                       "(first: %s); our CER is not affected", len(bracketed), ref_path, hyp_path, bracketed[0])
     for utterance in result.utterances:
         speaker = speakers.get(utterance.utterance_id, utterance.utterance_id)
         ref_lines.append(trn_line(utterance.ref, speaker, utterance.utterance_id) + "\n")

@@ -278,16 +278,29 @@ def test_info_truncated_pcm_wav(tmp_path):
     assert "the WAV header declares 32000 bytes of audio, the file has 16000" in caught.value.detail
 
 
-def test_info_streamed_wav_size_unknown(tmp_path):
-    # A streaming writer leaves 0xFFFFFFFF as the data size: the length is unknown, not cut.
+@pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFF000])
+def test_info_streamed_wav_size_unknown(tmp_path, placeholder):
+    # Streaming writers leave a placeholder data size: the length is unknown, not cut.
     path = tmp_path / "streamed.wav"
     soundfile.write(path, tone(440, 16000), 16000, subtype="PCM_16")
     data = bytearray(path.read_bytes())
     assert data[36:40] == b"data"
-    data[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+    data[40:44] = placeholder.to_bytes(4, "little")
     path.write_bytes(bytes(data))
 
     assert audio_info(str(path)).num_samples == 16000
+
+
+@pytest.mark.skipif(shutil.which("sox") is None, reason="sox not installed (scripts/setup_env.sh installs it)")
+def test_info_sox_speed_pipe(tmp_path):
+    # sox writes a placeholder size to a pipe after speed; Kaldi speed perturbation uses such entries.
+    path = tmp_path / "full.wav"
+    soundfile.write(path, tone(440, 16000), 16000, subtype="PCM_16")
+
+    info = audio_info(f"sox {path} -t wav - speed 1.1 |")
+
+    assert info.sample_rate == 16000
+    assert abs(info.num_samples - 16000 / 1.1) < 50
 
 
 def test_info_wrong_riff_size_kept(tmp_path):

@@ -423,6 +423,19 @@ def test_unreadable_run_skipped(corpus, tmp_path, caplog):
     assert "skipping run lora_rabc" in caplog.text
 
 
+def test_bad_hyp_named_not_config(corpus, tmp_path, caplog):
+    tree = copy_comparison(corpus, tmp_path)
+    hyp = tree / "exp" / "sparlora_r16" / "decode_sc_test" / "hyp"
+    hyp.write_text(hyp.read_text(encoding="utf-8") + "a1 again\n", encoding="utf-8")
+
+    with caplog.at_level(logging.WARNING, logger="sparlora.compare"):
+        runs = find_runs(tree / "exp", tree / "data", TEST_SETS)
+
+    assert "sparlora_r16" not in {run.tag for run in runs}
+    assert f"skipping run sparlora_r16: {hyp}:5: duplicate key 'a1'" in caplog.text
+    assert "config.yaml" not in caplog.text
+
+
 def test_partial_and_unfinished_runs_noted(corpus, tmp_path):
     from sparlora.compare import base_scores
     from sparlora.text import TextNormConfig
@@ -439,7 +452,7 @@ def test_partial_and_unfinished_runs_noted(corpus, tmp_path):
     text = results_markdown(report, "toy")
 
     assert "- sparlora_r16, sc_test: 2 of 4 utterances have no hypothesis and count as deletions" in text
-    assert "- lora_r8: unfinished, train.log records 3 of 5 epochs" in text
+    assert "- lora_r8: unfinished, train.log ends at epoch 3 of 5" in text
     lora_r8_row = next(row for row in rows(text, "| method | rank | train split | trainable") if row.startswith("| lora | 8 |"))
     assert "| 3 of 5 |" in lora_r8_row
 
@@ -464,7 +477,8 @@ def test_duplicate_runs_named_and_one_reference(corpus, tmp_path):
     assert reference_run(by_tag["sparlora_r16"], runs, "lora").tag == "lora_r16"
     assert "| lora (aaa_lora_copy) | 16 | train |" in text
     assert "| lora (lora_r16) | 16 | train |" in text
-    assert "runs with the same method, rank and training split: aaa_lora_copy, lora_r16" in text
+    assert ("runs with the same method, rank and training split: aaa_lora_copy, lora_r16 "
+            "(tables add the folder name; the reference and the ablation table use lora_r16)") in text
     ablation = rows(text, "| step |")
     assert ablation[0].split(" | ")[5] == f"{100 * 2 / 18:.2f}"
 
@@ -523,3 +537,19 @@ def test_decode_of_other_weights_noted(corpus, tmp_path):
     assert (f"- lora_r16, sc_test: decoded with {tree / 'base_model.pt'}, {adapter}, not final_model "
             "(decode.checkpoint last or adapter)") in text
     assert "lora_r16, cmn_test: decoded with" not in text
+
+
+def test_moved_run_not_noted(corpus, tmp_path):
+    # Fingerprints keep absolute paths; a run folder moved with its root still decoded final_model.
+    from sparlora.decode import decode_fingerprint
+
+    tree = copy_comparison(corpus, tmp_path)
+    old_model = tmp_path / "old_root" / "exp" / "lora_r16" / "final_model" / "model.pt"
+    write_text(old_model, "weights")
+    write_text(tree / "data" / "sc_test" / "data.jsonl", "{}\n")
+    (tree / "exp" / "lora_r16" / "decode_sc_test" / "fingerprint").write_text(
+        decode_fingerprint([old_model], [tree / "data" / "sc_test" / "data.jsonl"], "batch_size=4"), encoding="utf-8")
+
+    runs = {run.tag: run for run in find_runs(tree / "exp", tree / "data", TEST_SETS)}
+
+    assert runs["lora_r16"].other_weights == {}

@@ -290,3 +290,42 @@ def test_export_rejects_decode_of_other_weights(exported, tmp_path, tiny_model_d
         assert main(["--config", str(root / "conf.yaml")]) == 0
     finally:
         fingerprint.unlink()
+
+
+def test_export_out_rerun_after_failed_copy(exported, tmp_path, monkeypatch):
+    # A copy that fails halfway leaves the marker, so the same --out works on the rerun.
+    import sparlora.export as export
+
+    root, exp_dir, _ = exported
+    out = tmp_path / "out"
+    real_copy = shutil.copyfile
+
+    def failing_copy(src, dst, *args, **kwargs):
+        if str(src).endswith("model.pt"):
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(export.shutil, "copyfile", failing_copy)
+    with pytest.raises(OSError, match="No space left"):
+        export.main(["--config", str(root / "conf.yaml"), "--out", str(out)])
+    monkeypatch.setattr(export.shutil, "copyfile", real_copy)
+
+    assert export.main(["--config", str(root / "conf.yaml"), "--out", str(out)]) == 0
+    assert (out / "model.pt").read_bytes() == (exp_dir / "final_model" / "model.pt").read_bytes()
+
+
+def test_export_accepts_moved_run(exported, tmp_path):
+    from sparlora.decode import decode_fingerprint
+    from sparlora.export import main
+
+    root, exp_dir, _ = exported
+    fingerprint = exp_dir / "decode_sc_test" / "fingerprint"
+    old_model = tmp_path / "old_root" / "exp" / exp_dir.name / "final_model" / "model.pt"
+    old_model.parent.mkdir(parents=True)
+    old_model.write_bytes(b"weights")
+    fingerprint.write_text(decode_fingerprint([old_model], [root / "data" / "sc_test" / "data.jsonl"], "batch_size=4"),
+                           encoding="utf-8")
+    try:
+        assert main(["--config", str(root / "conf.yaml")]) == 0
+    finally:
+        fingerprint.unlink()

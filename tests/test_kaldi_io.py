@@ -72,6 +72,14 @@ def test_read_lone_cr_inside_lf_file_kept(tmp_path):
     assert read_table(path) == [("u1", "我爱\r北京"), ("u2", "你好")]
 
 
+def test_read_one_line_with_inner_cr(tmp_path):
+    # No final line end: the CR is inside the value, not a line end.
+    path = tmp_path / "text"
+    path.write_bytes("u1 我爱\r北京".encode("utf-8"))
+
+    assert read_table(path) == [("u1", "我爱\r北京")]
+
+
 def test_read_ignores_locale(tmp_path):
     # With the C locale, no UTF-8 mode and no locale coercion, Python's default encoding is
     # ASCII, and stdout is GBK: a reader relying on either would fail or garble the text.
