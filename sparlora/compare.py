@@ -375,7 +375,8 @@ def cer_table(runs: Sequence[Run], base: dict[str, ScoreResult], test_sets: Sequ
         "|---|---:|---|" + "---:|" * len(test_sets),
     ]
     if base:
-        lines.append("| base model (zero-shot) | – | – | " + " | ".join(_percent(base[name].cer) for name in test_sets) + " |")
+        cers = [_percent(base[name].cer) if name in base else "n/a" for name in test_sets]
+        lines.append("| base model (zero-shot) | – | – | " + " | ".join(cers) + " |")
     for run in runs:
         rank = str(run.rank) if run.rank else "–"
         cers = " | ".join(_percent(run.scores[name].cer) for name in test_sets)
@@ -622,10 +623,10 @@ def base_scores(exp_root: Path, data_dir: Path, test_sets: Sequence[str], norm_c
     for test_set in test_sets:
         hyp_path = exp_root / "base" / f"decode_{test_set}" / "hyp"
         if not hyp_path.is_file():
-            logger.warning("base model decode not found: %s; the zero-shot row leaves it out", hyp_path)
+            logger.warning("base model decode not found: %s; the zero-shot row shows n/a for %s", hyp_path, test_set)
             continue
         scores[test_set] = score_hyp_file(data_dir / test_set / "text", hyp_path, norm_cfg)
-    return scores if len(scores) == len(test_sets) else {}
+    return scores
 
 
 def write_comparison(report: ComparisonReport, out_path: Path, corpus: str, command: Sequence[str] | None = None) -> Path:
@@ -665,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Overrides written after --tags land in its list; a folder name with "=" is not a tag.
         args.overrides = [*args.overrides, *(tag for tag in args.tags if "=" in tag)]
         args.tags = [tag for tag in args.tags if "=" not in tag]
+        if not args.tags:
+            parser.error("--tags lists no run folder, only overrides; name the folders under exp_root to compare")
 
     cfg = load_config(args.config, args.overrides)
     exp_root, data_dir = Path(cfg.exp_root), Path(cfg.data_dir)

@@ -553,3 +553,24 @@ def test_moved_run_not_noted(corpus, tmp_path):
     runs = {run.tag: run for run in find_runs(tree / "exp", tree / "data", TEST_SETS)}
 
     assert runs["lora_r16"].other_weights == {}
+
+
+def test_base_row_with_one_decode_missing(corpus, tmp_path):
+    from sparlora.compare import base_scores, cer_table
+    from sparlora.text import TextNormConfig
+
+    tree = copy_comparison(corpus, tmp_path)
+    (tree / "exp" / "base" / "decode_cmn_test" / "hyp").unlink()
+    base = base_scores(tree / "exp", tree / "data", TEST_SETS, TextNormConfig())
+
+    lines = cer_table([], base, TEST_SETS)
+
+    assert lines[2] == f"| base model (zero-shot) | – | – | {100 * 5 / 18:.2f} | n/a |"
+
+
+def test_main_tags_only_overrides(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--config", str(corpus / "compare.yaml"), "--out", str(tmp_path / "R.md"), "--tags", f"exp_root={tmp_path}"])
+
+    assert caught.value.code == 2
+    assert "--tags lists no run folder, only overrides" in capsys.readouterr().err
