@@ -18,6 +18,7 @@ output layer stay frozen. Full fine-tuning trains every parameter.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import re
 import warnings
@@ -350,8 +351,6 @@ def load_adapter(base_model: nn.Module, adapter_dir: Path):
     silenced: AdaLoRA stores its pruning masks there under `<module>.lora_E` keys, which
     that check (present in peft 0.21.2) does not know, so it warns about every key.
     """
-    import json
-
     from peft import PeftModel
 
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))

@@ -36,7 +36,6 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sparlora.export import decoded_weight_files, is_final_model_decode
 from sparlora.kaldi_io import atomic_write_text, read_table
 from sparlora.noise import decode_split_names
 from sparlora.score import ScoreResult, cer_counts, provenance_lines
@@ -224,14 +223,14 @@ def load_run(exp_dir: Path, data_dir: Path, test_sets: Sequence[str]) -> Run:
             raise FileNotFoundError(f"{hyp_path} not found; run stage 4 for {exp_dir.name}")
         fingerprint = hyp_path.parent / "fingerprint"
         if fingerprint.is_file():
+            # Imported here: sparlora.decode loads torch, which the rest of this module does not need.
+            from sparlora.decode import decoded_weight_files, is_final_model_decode
+
             used = decoded_weight_files(fingerprint)
             if not is_final_model_decode(used, exp_dir):
                 run.other_weights[test_set] = [str(path) for path in used]
-        scores = score_hyp_file(data_dir / test_set / "text", hyp_path, norm_cfg)
-        if scores.missing_hyp or scores.extra_hyp:
-            logger.warning("run %s, %s: %d utterances without a hypothesis (scored as deletions), %d extra ignored",
-                           run.tag, test_set, len(scores.missing_hyp), len(scores.extra_hyp))
-        run.scores[test_set] = scores
+        # Missing and extra hypotheses go into the report's notes (report_notes), which are logged too.
+        run.scores[test_set] = score_hyp_file(data_dir / test_set / "text", hyp_path, norm_cfg)
     return run
 
 
@@ -254,25 +253,28 @@ def find_runs(exp_root: Path, data_dir: Path, test_sets: Sequence[str], tags: Se
     for exp_dir in sorted(path for path in exp_root.iterdir() if (path / "train.log").is_file()):
         try:
             runs.append(load_run(exp_dir, data_dir, test_sets))
-        except FileNotFoundError as error:
-            logger.warning("skipping run %s: %s", exp_dir.name, error)
-        except ValueError as error:
-            # A config that is not stage 3's, or a table that cannot be read; the message names the file.
+        except (FileNotFoundError, ValueError) as error:
+            # A missing file, a config that is not stage 3's or an unreadable table. The message names the file.
             logger.warning("skipping run %s: %s", exp_dir.name, error)
     return runs
+
+
+def setup_key(run: Run) -> tuple[str, int, str]:
+    """Return what identifies a run in the tables: method, rank and training split."""
+    return run.method, run.rank, run.train_split
 
 
 def duplicate_groups(runs: Sequence[Run]) -> list[list[Run]]:
     """Return the groups of two or more runs that share method, rank and training split."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.method, run.rank, run.train_split), []).append(run)
+        groups.setdefault(setup_key(run), []).append(run)
     return [group for group in groups.values() if len(group) > 1]
 
 
 def run_label(run: Run, runs: Sequence[Run]) -> str:
     """Return the method name, with the run folder added when another run has the same method, rank and split."""
-    twins = [other for other in runs if (other.method, other.rank, other.train_split) == (run.method, run.rank, run.train_split)]
+    twins = [other for other in runs if setup_key(other) == setup_key(run)]
     return f"{run.method} ({run.tag})" if len(twins) > 1 else run.method
 
 
@@ -663,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     if args.tags:
-        # Overrides written after --tags land in its list; a folder name with "=" is not a tag.
+        # Overrides written after --tags land in its list. A folder name with "=" is not a tag.
         args.overrides = [*args.overrides, *(tag for tag in args.tags if "=" in tag)]
         args.tags = [tag for tag in args.tags if "=" not in tag]
         if not args.tags:

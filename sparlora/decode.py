@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -194,6 +195,26 @@ def decode_fingerprint(weight_files: list[Path], manifests: list[Path], settings
         stat = path.resolve().stat()
         parts.append(f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}")
     return "\n".join(parts) + "\n"
+
+
+def decoded_weight_files(fingerprint: Path) -> list[Path]:
+    """Return the weight files that a stage 4 decode used, from its `fingerprint` file.
+
+    The file starts with the settings line, then one `path size mtime` line per weight
+    file and manifest, as `decode_fingerprint` writes them. Manifests are the `data.jsonl` lines.
+    """
+    lines = fingerprint.read_text(encoding="utf-8").splitlines()[1:]
+    paths = [Path(line.rsplit(" ", 2)[0]) for line in lines if line.count(" ") >= 2]
+    return [path for path in paths if path.name != "data.jsonl"]
+
+
+def is_final_model_decode(weight_files: Sequence[Path], exp_dir: Path) -> bool:
+    """True when `weight_files` (of `decoded_weight_files`) are the run's own final_model/model.pt.
+
+    Compared by the last three path parts, so a run folder that was moved or copied with
+    its experiment root still matches.
+    """
+    return len(weight_files) == 1 and weight_files[0].parts[-3:] == (exp_dir.name, "final_model", "model.pt")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from sparlora.data import AsrDataset, ManifestEntry, read_manifest
+from sparlora.decode import decode_dataset, decoded_weight_files, is_final_model_decode
 from sparlora.kaldi_io import atomic_write_text, read_table
 from sparlora.model import MODEL_FILES, missing_model_files
 
@@ -98,26 +99,6 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
         shutil.copyfile(src / name, partial)
         os.replace(partial, dst / name)
     return dst
-
-
-def decoded_weight_files(fingerprint: Path) -> list[Path]:
-    """Return the weight files that a stage 4 decode used, from its `fingerprint` file.
-
-    The file starts with the settings line, then one `path size mtime` line per weight
-    file and manifest (see `sparlora.decode.decode_fingerprint`).
-    """
-    lines = fingerprint.read_text(encoding="utf-8").splitlines()[1:]
-    paths = [Path(line.rsplit(" ", 2)[0]) for line in lines if line.count(" ") >= 2]
-    return [path for path in paths if path.name != "data.jsonl"]
-
-
-def is_final_model_decode(weight_files: Sequence[Path], exp_dir: Path) -> bool:
-    """True when `weight_files` (of `decoded_weight_files`) are the run's own final_model/model.pt.
-
-    Compared by the last three path parts, so a run folder that was moved or copied with
-    its experiment root still matches.
-    """
-    return len(weight_files) == 1 and weight_files[0].parts[-3:] == (exp_dir.name, "final_model", "model.pt")
 
 
 def check_decoded_with_final_model(decode_dir: Path, final_dir: Path) -> None:
@@ -189,7 +170,6 @@ def check_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, entries: 
                   sample_rate: int, channel, batch_size: int = 16, device: str = "cpu") -> AdapterCheck:
     """Compare the base model with the PEFT adapter applied against the merged model on `entries`."""
     from sparlora.adapters import load_adapter
-    from sparlora.decode import decode_dataset
     from sparlora.model import load_paraformer
 
     merged, kwargs = load_paraformer(merged_dir, device=device)
